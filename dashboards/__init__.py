@@ -1,0 +1,1 @@
+"""Per-sweep reports and Grafana dashboards. Not built yet: see the open dashboards issue."""

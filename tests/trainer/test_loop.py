@@ -1,0 +1,128 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_dataset
+from trainer import train
+from trainer.loop import autocast_dtype, resolve_device
+
+CONTRACT = {
+    "train/loss_lm",
+    "train/loss_reg",
+    "train/loss_total",
+    "train/reg_constant",
+    "train/grad_norm_lm",
+    "train/grad_norm_reg",
+}
+EVAL = {"val/accuracy", "val/loss_lm", "val/loss_reg", "val/accuracy_choice"}
+
+
+def _curve(result, key):
+    return [m[key] for _, m in result.history]
+
+
+def test_both_losses_finite_and_falling(tiny_cfg):
+    reports = []
+    result = train(tiny_cfg(max_steps=40, reg_constant=1.0), lambda s, m: reports.append((s, m)))
+    assert [s for s, _ in reports] == list(range(1, 41))  # one report per step
+    assert all(m.keys() >= CONTRACT for _, m in reports)
+    assert [s for s, m in reports if m.keys() >= EVAL] == [10, 20, 30, 40]
+    for key in ("train/loss_lm", "train/loss_reg"):
+        curve = _curve(result, key)
+        assert all(math.isfinite(v) for v in curve)
+        assert np.mean(curve[-5:]) < 0.7 * np.mean(curve[:5]), key
+    m = reports[-1][1]
+    assert m["train/loss_total"] == pytest.approx(m["train/loss_lm"] + m["train/loss_reg"])
+    assert m["train/reg_constant"] == 1.0
+    assert m["train/grad_norm_lm"] > 0 and m["train/grad_norm_reg"] > 0
+
+
+def test_reg_constant_zero_leaves_the_reg_loss_unoptimised(tiny_cfg, tmp_path):
+    off = train(tiny_cfg(max_steps=30, reg_constant=0.0), checkpoint_dir=tmp_path / "off")
+    on = train(tiny_cfg(max_steps=30, reg_constant=1.0), checkpoint_dir=tmp_path / "on")
+    # λ = 0: the head never receives a gradient, so it is still its seeded initialisation.
+    w_off = load_file(tmp_path / "off" / "checkpoint" / "weights.safetensors")
+    w_on = load_file(tmp_path / "on" / "checkpoint" / "weights.safetensors")
+    head_keys = [k for k in w_off if k.startswith("head.")]
+    init = train(
+        tiny_cfg(max_steps=1, reg_constant=0.0, lr=1e-12), checkpoint_dir=tmp_path / "init"
+    )
+    w_init = load_file(tmp_path / "init" / "checkpoint" / "weights.safetensors")
+    assert init.step == 1
+    for k in head_keys:
+        torch.testing.assert_close(w_off[k], w_init[k])
+        assert not torch.equal(w_on[k], w_init[k])
+    # ...and the reg loss it reports stays high, while λ > 0 drives it down.
+    assert np.mean(_curve(on, "train/loss_reg")[-5:]) < 0.5 * np.mean(
+        _curve(off, "train/loss_reg")[-5:]
+    )
+    assert off.metrics["val/loss_reg"] > 2 * on.metrics["val/loss_reg"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(max_steps=12, eval_every=6, checkpoint_every=4)
+    whole = train(cfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step, m):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, crash_at_7, checkpoint_dir=tmp_path)  # last checkpoint: step 4
+    resumed = train(cfg, checkpoint_dir=tmp_path)
+    assert [s for s, _ in resumed.history] == list(range(5, 13))
+    for (s, a), (_, b) in zip(whole.history[4:], resumed.history, strict=True):
+        for key in ("train/loss_lm", "train/loss_reg", "train/lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (s, key)
+    assert whole.metrics["val/accuracy"] == resumed.metrics["val/accuracy"]
+
+
+def test_checkpoint_of_another_shape_is_refused(tiny_cfg, tmp_path):
+    train(tiny_cfg(max_steps=2, token_expansion=1), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="token_expansion=1"):
+        train(tiny_cfg(max_steps=4, token_expansion=2), checkpoint_dir=tmp_path)
+
+
+def test_token_expansion_trains_for_several_k(tiny_cfg):
+    for k in (2, 4):
+        r = train(tiny_cfg(max_steps=3, token_expansion=k, eval_every=3))
+        assert math.isfinite(r.metrics["val/loss_lm"])
+
+
+def test_nan_embeddings_fail_the_run_loudly(tiny_cfg, tmp_path):
+    path = make_dataset(tmp_path / "nan", n=40)
+    emb = np.load(path / "embeddings.npy")
+    emb[3] = np.nan
+    np.save(path / "embeddings.npy", emb)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        train(tiny_cfg(dataset=str(path), embedding_norm="l2"))
+
+
+def test_reference_path_trains_too(tiny_cfg):
+    r = train(tiny_cfg(max_steps=4, eval_every=4, lm_path="reference"))
+    assert math.isfinite(r.metrics["train/loss_lm"]) and "val/accuracy" in r.metrics
+
+
+def test_device_and_precision_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_bf16_autocast_path_runs_on_cpu(tiny_cfg):
+    """The CUDA precision path (bf16 autocast) is exercised here on the CPU."""
+    r = train(tiny_cfg(max_steps=3, eval_every=3, precision="bf16"))
+    assert math.isfinite(r.metrics["train/loss_lm"])

@@ -1,0 +1,65 @@
+"""Checkpoints: projector + head weights (safetensors), optimiser and schedule state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.config import TrainerConfig
+
+WEIGHTS = "weights.safetensors"
+# Fields that must match for a checkpoint to be resumed: they fix the shapes or the data.
+_SHAPE_FIELDS = ("model", "dataset", "token_expansion", "projector_hidden", "recon_head")
+
+
+def save_checkpoint(directory: Path, step: int, projector, head, opt, sched, cfg: TrainerConfig):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"projector.{k}": v.contiguous() for k, v in projector.state_dict().items()}
+    tensors |= {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, tmp / WEIGHTS, metadata={"step": str(step)})
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "config": cfg.model_dump()}, indent=2)
+    )
+    final = directory / "checkpoint"
+    old = directory / ".checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: Path, projector, head, opt, sched, cfg: TrainerConfig) -> int | None:
+    """Restore into the given objects; returns the checkpoint's step, or None if there is none."""
+    path = directory / "checkpoint"
+    if not (path / "state.json").is_file():
+        return None
+    state = json.loads((path / "state.json").read_text())
+    saved = state["config"]
+    for f in _SHAPE_FIELDS:
+        if saved.get(f) != getattr(cfg, f):
+            raise ValueError(
+                f"checkpoint in {directory} was made with {f}={saved.get(f)!r}, "
+                f"but this run has {f}={getattr(cfg, f)!r}"
+            )
+    tensors = load_file(path / WEIGHTS)
+    projector.load_state_dict(_strip(tensors, "projector."))
+    head.load_state_dict(_strip(tensors, "head."))
+    optim = torch.load(path / "optim.pt", weights_only=True)
+    opt.load_state_dict(optim["optimizer"])
+    sched.load_state_dict(optim["scheduler"])
+    return int(state["step"])
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,153 @@
+"""The trainer's one typed config: every field a sweep may set, with why it exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class TrainerConfig(BaseModel):
+    """One training run of the projector-regularisation study.
+
+    Field names are the contract: a sweep spec's search keys, Ray Tune's config keys and
+    MLflow's params all use them unchanged.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- sources -----------------------------------------------------------------------
+    model: str = Field(
+        "smollm2-135m",
+        description="Frozen causal LM: a builtin alias (smollm2-135m, tiny-llama), "
+        "a local directory saved with save_pretrained, or a Hugging Face hub id.",
+    )
+    dataset: str = Field(
+        "digits",
+        description="Builtin alias (digits) or a local dataset directory "
+        "(embeddings.npy + examples.jsonl, see docs/datasets.md).",
+    )
+
+    # --- the two knobs under study -----------------------------------------------------
+    reg_constant: float = Field(
+        0.1,
+        ge=0.0,
+        description="λ: weight of the reconstruction loss 1 - cos(recon, original) "
+        "added to the LM loss. 0 turns the regulariser off (the loss is still measured).",
+    )
+    token_expansion: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="k: LLM token embeddings produced per image embedding.",
+    )
+
+    # --- projector and reconstruction head ---------------------------------------------
+    projector_hidden: int | None = Field(
+        None,
+        ge=1,
+        description="Hidden width of the mlp2x_gelu projector; default the LM hidden size "
+        "(LLaVA's choice).",
+    )
+    recon_head: Literal["linear", "mlp"] = Field(
+        "linear",
+        description="Reconstruction head from the k projected tokens (concatenated) back "
+        "to the image embedding.",
+    )
+    embedding_norm: Literal["standardize", "l2", "none"] = Field(
+        "standardize",
+        description="How image embeddings are normalised before projection and as the "
+        "reconstruction target. Cosine ignores magnitude, so 'standardize' (per-dimension "
+        "z-score with train-split statistics) keeps every feature's direction on an equal "
+        "footing; 'l2' scales each embedding to unit norm.",
+    )
+
+    # --- optimiser and schedule (LLaVA stage-1 defaults) -------------------------------
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Fraction of max_steps of linear warm-up."
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warm-up."
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0.0, description="Clip the projector+head gradient to this norm; null: off."
+    )
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    max_steps: int = Field(200, ge=1, description="Optimiser steps.")
+
+    # --- evaluation, logging, checkpoints ----------------------------------------------
+    eval_every: int = Field(50, ge=1, description="Evaluate every this many steps and at the end.")
+    eval_examples: int | None = Field(
+        None, ge=1, description="Cap on validation examples per eval; null: the whole split."
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a checkpoint every this many steps (0: only at the end)."
+    )
+
+    # --- execution ---------------------------------------------------------------------
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    device: str = Field(
+        "auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
+    )
+    lm_path: Literal["fast", "reference"] = Field(
+        "fast",
+        description="'fast': question first with its KV cache computed once, logits only at "
+        "answer tokens. 'reference': image tokens first, full sequence, full logits.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', but got {v!r}")
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), but got {v}")
+        return v
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> list[str]:
+    """One line per problem, led by the field path, for CLI output."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{source}{path}: {msg}")
+    return lines
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainerConfig:
+    """Read a YAML trainer config; raises ValueError for unreadable files or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of trainer fields, got {type(data).__name__}")
+    data.update(overrides or {})
+    return TrainerConfig.model_validate(data)
+
+
+def flatten_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """The config as flat params (tuples joined), as MLflow stores them."""
+    out = {}
+    for k, v in cfg.model_dump().items():
+        out[k] = ",".join(str(x) for x in v) if isinstance(v, tuple | list) else v
+    return out

@@ -1,0 +1,283 @@
+"""One training run: ``train(cfg, report)``. Reads top to bottom, nanoGPT-style."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainerConfig
+from trainer.data import Dataset, load_dataset
+from trainer.model import (
+    Batch,
+    Projector,
+    PromptCache,
+    ReconHead,
+    answer_logits_fast,
+    answer_logits_reference,
+    exact_match,
+    lm_loss,
+    load_lm,
+    reg_loss,
+)
+
+Report = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: its last step, last metrics and checkpoint."""
+
+    step: int
+    metrics: dict[str, float]
+    checkpoint: Path | None = None
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when present; an explicit CUDA request without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under 'auto'; fp32 (no autocast) on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# Sweeps run many trials in one worker: the frozen LM and the cached embeddings are loaded
+# once per process, not once per trial (they are never modified).
+@functools.lru_cache(maxsize=2)
+def shared_lm(model: str, device: str):
+    return load_lm(model, torch.device(device))
+
+
+@functools.lru_cache(maxsize=2)
+def shared_dataset(name: str) -> Dataset:
+    return load_dataset(name)
+
+
+def normalise(emb: np.ndarray, train_rows: np.ndarray, how: str) -> np.ndarray:
+    """Standardise with train statistics, or scale to unit norm (see TrainerConfig)."""
+    if how == "standardize":
+        mu, sd = emb[train_rows].mean(0), emb[train_rows].std(0)
+        return (emb - mu) / np.maximum(sd, 1e-6)
+    if how == "l2":
+        return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    return emb
+
+
+class QuestionGroups:
+    """A split's examples grouped by question, answers tokenised and padded once."""
+
+    def __init__(self, examples: list[dict], prompts: PromptCache, device: torch.device):
+        by_q: dict[str, list[dict]] = {}
+        for ex in examples:
+            by_q.setdefault(ex["question"], []).append(ex)
+        self.groups = []
+        for q, exs in by_q.items():
+            ids = [prompts.answer_ids(ex["answer"]) for ex in exs]
+            a = max(len(x) for x in ids)
+            padded = torch.zeros(len(ids), a, dtype=torch.long)
+            for i, x in enumerate(ids):
+                padded[i, : len(x)] = torch.tensor(x)
+            lengths = torch.tensor([len(x) for x in ids])
+            mask = torch.arange(a)[None] < lengths[:, None]
+            images = torch.tensor([ex["image"] for ex in exs])
+            answers = [ex["answer"] for ex in exs]
+            self.groups.append((q, images, padded.to(device), mask.to(device), answers))
+        self.sizes = np.array([len(g[1]) for g in self.groups], dtype=np.float64)
+
+    def batch(self, g: int, rows: torch.Tensor, emb: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        q, images, ids, mask, answers = self.groups[g]
+        img = images[rows]
+        ids_b, mask_b = ids[rows], mask[rows]
+        a = int(mask_b.sum(1).max())  # trim padding no example in this batch needs
+        b = Batch(q, emb[img], ids_b[:, :a], mask_b[:, :a], [answers[i] for i in rows.tolist()])
+        return b, img
+
+    def sample(self, seed: int, step: int, batch_size: int, emb: torch.Tensor) -> Batch:
+        """The batch of a step is a pure function of (seed, step): resume replays it exactly.
+
+        One question per batch, so all items share the cached prefix (and a length).
+        """
+        rng = np.random.default_rng([seed, step])
+        g = int(rng.choice(len(self.groups), p=self.sizes / self.sizes.sum()))
+        n = len(self.groups[g][1])
+        rows = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+        return self.batch(g, rows, emb)[0]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
+
+
+def train(
+    cfg: TrainerConfig,
+    report: Report | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train the projector and reconstruction head against a frozen LM.
+
+    Args:
+        cfg: the run's config.
+        report: called as ``report(step, metrics)`` once per step, with the train metrics
+            and, on eval steps, the validation metrics too.
+        checkpoint_dir: where checkpoints go; a checkpoint already there is resumed.
+
+    Returns:
+        The last step's metrics and the checkpoint written, if any.
+    """
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    data = shared_dataset(cfg.dataset)
+    lm, tok = shared_lm(cfg.model, str(device))
+    prompts = PromptCache(lm, tok, device)
+    lm_dim = lm.get_input_embeddings().embedding_dim
+    lm_token_norm = lm.get_input_embeddings().weight.norm(dim=-1).mean().item()
+
+    train_rows = np.unique([ex["image"] for ex in data.examples["train"]])
+    emb = torch.from_numpy(normalise(data.embeddings, train_rows, cfg.embedding_norm)).float()
+    emb = emb.to(device)
+    train_groups = QuestionGroups(data.examples["train"], prompts, device)
+    val_examples = data.examples["val"][: cfg.eval_examples]
+    val_groups = QuestionGroups(val_examples, prompts, device)
+
+    torch.manual_seed(cfg.seed)
+    projector = Projector(data.dim, lm_dim, cfg.token_expansion, cfg.projector_hidden).to(device)
+    head = ReconHead(lm_dim, cfg.token_expansion, data.dim, cfg.recon_head).to(device)
+    proj_params = list(projector.parameters())
+    params = proj_params + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = _scheduler(opt, cfg)
+    answer_logits = answer_logits_fast if cfg.lm_path == "fast" else answer_logits_reference
+
+    start, ckpt = 0, None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir)
+        start = load_checkpoint(ckpt, projector, head, opt, sched, cfg) or 0
+
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp)
+
+    def evaluate() -> dict[str, float]:
+        projector.eval(), head.eval()
+        nll = n_tok = reg = 0.0
+        hits, choice_hits, n = [], 0, 0
+        per_q: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad(), autocast():
+            for g, (q, images, *_rest) in enumerate(val_groups.groups):
+                for i in range(0, len(images), cfg.batch_size):
+                    rows = torch.arange(i, min(i + cfg.batch_size, len(images)))
+                    b, _ = val_groups.batch(g, rows, emb)
+                    tokens = projector(b.embeddings)
+                    reg += reg_loss(head(tokens), b.embeddings).sum().item()
+                    logits = answer_logits(lm, prompts, b, tokens).float()
+                    k = int(b.answer_mask.sum())
+                    nll += lm_loss(logits, b).item() * k
+                    n_tok += k
+                    hit = exact_match(logits, b)
+                    hits.append(hit)
+                    per_q.setdefault(q, []).append(hit)
+                    choice_hits += _choice_hits(logits, b, data.choices.get(q), prompts)
+                    n += len(rows)
+        projector.train(), head.train()
+        acc = torch.cat(hits).float().mean().item()
+        out = {"val/accuracy": acc, "val/loss_lm": nll / n_tok, "val/loss_reg": reg / n}
+        if all(q in data.choices for q in per_q):
+            out["val/accuracy_choice"] = choice_hits / n
+        for q, h in per_q.items():
+            out[f"val/accuracy_by_question/{_slug(q)}"] = torch.cat(h).float().mean().item()
+        return out
+
+    history: list[tuple[int, dict[str, float]]] = []
+    metrics: dict[str, float] = {}
+    lam = cfg.reg_constant
+    for step in range(start + 1, cfg.max_steps + 1):
+        batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb)
+        with autocast():
+            tokens = projector(batch.embeddings)
+            loss_reg = reg_loss(head(tokens), batch.embeddings).mean()
+            loss_lm = lm_loss(answer_logits(lm, prompts, batch, tokens), batch)
+        if not (torch.isfinite(loss_lm) and torch.isfinite(loss_reg)):
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: loss_lm={loss_lm.item()}, "
+                f"loss_reg={loss_reg.item()}"
+            )
+        # Each loss's own gradient on the projector, so a user sees which one dominates:
+        # the reg gradient first (its graph is small), then the LM's by backward().
+        g_reg = torch.autograd.grad(loss_reg, params, retain_graph=True, allow_unused=True)
+        opt.zero_grad(set_to_none=True)
+        loss_lm.backward()
+        grad_norm_lm = _norm([p.grad for p in proj_params])
+        grad_norm_reg = _norm(g_reg[: len(proj_params)])
+        for p, g in zip(params, g_reg, strict=True):
+            if g is not None:
+                p.grad = lam * g if p.grad is None else p.grad.add_(g, alpha=lam)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+
+        metrics = {
+            "train/loss_lm": loss_lm.item(),
+            "train/loss_reg": loss_reg.item(),
+            "train/loss_total": loss_lm.item() + lam * loss_reg.item(),
+            "train/reg_constant": lam,
+            "train/grad_norm_lm": grad_norm_lm,
+            "train/grad_norm_reg": grad_norm_reg,
+            "train/lr": sched.get_last_lr()[0],
+            "train/proj_token_norm": tokens.detach().float().norm(dim=-1).mean().item(),
+            "train/lm_token_norm": lm_token_norm,
+        }
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            metrics.update(evaluate())
+        if ckpt is not None and (
+            step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            save_checkpoint(ckpt, step, projector, head, opt, sched, cfg)
+        history.append((step, metrics))
+        if report is not None:
+            report(step, metrics)
+    return TrainResult(
+        step=max(start, cfg.max_steps), metrics=metrics, checkpoint=ckpt, history=history
+    )
+
+
+def _norm(grads) -> float:
+    gs = [g.detach().float().norm() for g in grads if g is not None]
+    return torch.stack(gs).norm().item() if gs else 0.0
+
+
+def _choice_hits(logits: torch.Tensor, b: Batch, choices, prompts: PromptCache) -> int:
+    """Choice by likelihood: the candidate whose first answer token scores highest."""
+    if not choices:
+        return 0
+    firsts = [prompts.answer_ids(c)[0] for c in choices]
+    if len(set(firsts)) != len(firsts):
+        return 0  # candidates share a first token; this cheap scorer can't tell them apart
+    pick = logits[:, 0, firsts].argmax(-1).tolist()
+    return sum(choices[p] == a for p, a in zip(pick, b.answers, strict=True))
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig):
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    return get_scheduler(names[cfg.lr_schedule], opt, warmup, cfg.max_steps)

@@ -1,0 +1,188 @@
+"""The frozen LM, the projector, the reconstruction head, and the two ways to run the LM."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.sources import SourceError, resolve_model
+
+# Prompt layout. The fast path puts all text first, so its KV cache is computed once per
+# question; what changes per example (image tokens, answer) comes last. The image tokens
+# sit right before the answer, so each item costs only k + len(answer) positions.
+FAST_PREFIX = "Question: {question}\nAnswer: "
+# The reference layout is the plain one: image tokens first, then the whole text.
+REFERENCE_TEXT = "\nQuestion: {question}\nAnswer: "
+
+
+class Projector(nn.Module):
+    """LLaVA's mlp2x_gelu (Linear, GELU, Linear), emitting ``k`` LLM tokens per embedding."""
+
+    def __init__(self, in_dim: int, lm_dim: int, k: int, hidden: int | None = None):
+        super().__init__()
+        self.k, self.lm_dim = k, lm_dim
+        hidden = hidden or lm_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, k * lm_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(x.shape[0], self.k, self.lm_dim)
+
+
+class ReconHead(nn.Module):
+    """Maps the ``k`` projected tokens (concatenated) back to the image-embedding space."""
+
+    def __init__(self, lm_dim: int, k: int, out_dim: int, kind: str = "linear"):
+        super().__init__()
+        d = k * lm_dim
+        if kind == "linear":
+            self.net: nn.Module = nn.Linear(d, out_dim)
+        else:
+            self.net = nn.Sequential(nn.Linear(d, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens.flatten(1))
+
+
+def reg_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-example ``1 - cos(recon, target)``, in [0, 2]."""
+    return 1.0 - F.cosine_similarity(recon.float(), target.float(), dim=-1)
+
+
+def load_lm(name: str, device: torch.device):
+    """Load a frozen causal LM and its tokenizer from an alias, a local path or a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one a user should see
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"cannot load model {name!r}: {first}") from None
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise SourceError(
+                f"model {name!r} ({config.model_type}) is not a causal language model"
+            ) from None
+        raise SourceError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise SourceError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise SourceError(f"model {name!r}: its tokenizer has no eos token to end answers with")
+    lm.requires_grad_(False).eval().to(device)
+    return lm, tok
+
+
+@dataclass
+class Batch:
+    """One question group: ``B`` examples sharing a question (so they share a prefix)."""
+
+    question: str
+    embeddings: torch.Tensor  # [B, D], normalised
+    answer_ids: torch.Tensor  # [B, A], right-padded, each ends with eos
+    answer_mask: torch.Tensor  # [B, A] bool
+    answers: list[str]
+
+
+def _cache_kw(lm, cache) -> dict:
+    """transformers 5.2x renamed the decoder's ``past_key_values`` argument to ``cache``."""
+    params = inspect.signature(lm.get_decoder().forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+class PromptCache:
+    """Token ids per question, and (fast path) the frozen LM's KV cache of each prefix."""
+
+    def __init__(self, lm, tok, device: torch.device):
+        self.lm, self.tok, self.device = lm, tok, device
+        self._ids: dict[str, torch.Tensor] = {}
+        self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.embed = lm.get_input_embeddings()
+
+    def ids(self, text: str) -> torch.Tensor:
+        if text not in self._ids:
+            ids = self.tok(text, add_special_tokens=False).input_ids
+            self._ids[text] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self._ids[text]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        # The prompt ends in a space, so answers are tokenised bare ("3", not " 3").
+        return [*self.tok(answer, add_special_tokens=False).input_ids, self.tok.eos_token_id]
+
+    def prefix_kv(self, question: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys/values per layer, batch 1; computed once per question."""
+        if question not in self._kv:
+            from transformers import DynamicCache
+
+            ids = self.ids(FAST_PREFIX.format(question=question))[None]
+            cache = DynamicCache(config=self.lm.config)
+            with torch.no_grad():
+                self.lm.get_decoder()(input_ids=ids, use_cache=True, **_cache_kw(self.lm, cache))
+            self._kv[question] = [(k, v) for k, v, *_ in cache]
+        return self._kv[question]
+
+
+def answer_logits_fast(
+    lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the answer positions only, ``[B, A, V]``, with the question's KV cached.
+
+    Sequence after the cached prefix: image tokens, then the answer tokens but the last.
+    """
+    from transformers import DynamicCache
+
+    b = tokens.shape[0]
+    answer_in = prompts.embed(batch.answer_ids[:, :-1])
+    x = torch.cat([tokens.to(answer_in.dtype), answer_in], dim=1)
+    kv = [
+        (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+        for k, v in prompts.prefix_kv(batch.question)
+    ]
+    cache = DynamicCache(ddp_cache_data=kv, config=lm.config)
+    decoder = lm.get_decoder()
+    hidden = decoder(inputs_embeds=x, use_cache=True, **_cache_kw(lm, cache)).last_hidden_state
+    a = batch.answer_ids.shape[1]
+    return lm.get_output_embeddings()(hidden[:, -a:])
+
+
+def answer_logits_reference(
+    lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Plain path: image tokens first, the whole text, logits at every position."""
+    b = tokens.shape[0]
+    text = prompts.embed(prompts.ids(REFERENCE_TEXT.format(question=batch.question))).expand(
+        b, -1, -1
+    )
+    answer_in = prompts.embed(batch.answer_ids[:, :-1])
+    x = torch.cat([tokens.to(text.dtype), text, answer_in], dim=1)
+    logits = lm(
+        inputs_embeds=x, use_cache=False
+    ).logits  # [B, T, V]: the full vocabulary everywhere
+    a = batch.answer_ids.shape[1]
+    return logits[:, -a:]
+
+
+def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the real (unpadded) answer tokens."""
+    return F.cross_entropy(logits[batch.answer_mask].float(), batch.answer_ids[batch.answer_mask])
+
+
+def exact_match(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per example: does greedy decoding produce exactly the answer and then stop?
+
+    Greedy decoding reproduces the answer iff, with the answer's own prefix fed back,
+    every next-token argmax equals the answer's next token (eos included); so one
+    teacher-forced pass decides it without a generate loop.
+    """
+    hit = (logits.argmax(-1) == batch.answer_ids) | ~batch.answer_mask
+    return hit.all(dim=1)
