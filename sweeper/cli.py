@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +19,9 @@ app = typer.Typer(
     add_completion=False,
     help="Hyperparameter sweeps for multimodal-LLM projector regularisation research.",
 )
-console = Console()
-err = Console(stderr=True)
+# Pipes and CI logs get 120 columns, not rich's 80, so the trial table is not cut.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 @app.callback()
@@ -133,3 +135,173 @@ def train(
             f"MLflow run {tracker.run_id} in experiment {experiment!r}: run `mlflow ui` here and "
             f"open #/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
         )
+
+
+# --- sweeps ----------------------------------------------------------------------------
+
+_TRIAL_COLUMNS = ("trial", "state", "λ", "k", "seed", "step", "lm loss", "reg loss", "val acc")
+
+
+def _fmt(v, spec=".4g") -> str:
+    return "" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def trials_table(state: dict, title: str | None = None) -> Table:
+    """The trial table: state, λ, k, seed, step, both losses and accuracy per trial."""
+    table = Table(title=title)
+    for col in _TRIAL_COLUMNS:
+        left = col in ("trial", "state")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True)
+    colours = {"finished": "green", "failed": "red", "stopped": "yellow", "running": "cyan"}
+    for row in state.get("trials", {}).values():
+        m, p = row.get("metrics") or {}, row.get("params") or {}
+        st = row["status"]
+        table.add_row(
+            row["id"],
+            f"[{colours.get(st, 'white')}]{st}[/]",
+            _fmt(p.get("reg_constant")),
+            _fmt(p.get("token_expansion")),
+            _fmt(row.get("seed")),
+            _fmt(row.get("step")),
+            _fmt(m.get("train/loss_lm"), ".3f"),
+            _fmt(m.get("train/loss_reg"), ".3f"),
+            _fmt(m.get("val/accuracy"), ".3f"),
+        )
+    return table
+
+
+def _summary(state: dict) -> str:
+    counts: dict[str, int] = {}
+    for row in state.get("trials", {}).values():
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
+    return f"sweep {state['id']}: {state['status']} ({parts})"
+
+
+def _print_outcome(state: dict) -> None:
+    console.print(_summary(state))
+    best = state.get("best")
+    if best:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
+        console.print(
+            f"best: {best['metric']} = {best['value']:.4f} (mean of {best['seeds']} seed(s)) "
+            f"at {params}"
+        )
+    ml = state.get("mlflow") or {}
+    if ml.get("parent_run_id"):
+        console.print(
+            f"MLflow: run `mlflow ui` in this folder, open "
+            f"#/experiments/{ml['experiment_id']}/runs/{ml['parent_run_id']}"
+        )
+    if state["status"] == "interrupted":
+        console.print(f"resume with: sweeper resume {state['id']}")
+
+
+def _drive(rec, resume: bool) -> None:
+    from rich.live import Live
+
+    from sweeper import driver
+
+    with Live(trials_table(rec.read()), console=console, refresh_per_second=2) as live:
+
+        def show(state: dict) -> None:
+            live.update(trials_table(state, title=_summary(state)))
+
+        driver.LISTENERS.append(show)
+        try:
+            state = driver.run_sweep(rec, resume=resume)
+        except KeyboardInterrupt:
+            state = rec.update(status="interrupted", pid=None)
+        except Exception as e:
+            _fail([f"sweep {rec.id} failed: {type(e).__name__}: {e}"])
+        finally:
+            driver.LISTENERS.remove(show)
+        live.update(trials_table(state, title=_summary(state)))
+    console.print()
+    _print_outcome(state)
+    if state["status"] == "failed":
+        raise typer.Exit(1)
+
+
+def _load_spec_or_fail(path: Path):
+    from sweeper.spec import format_spec_errors, load_spec
+
+    try:
+        return load_spec(path)
+    except ValidationError as e:
+        _fail(format_spec_errors(e, f"{path}: "))
+    except ValueError as e:
+        _fail([str(e)])
+
+
+def _open_or_fail(sweep_id: str):
+    from sweeper.store import SweepRecord
+
+    try:
+        return SweepRecord.open(sweep_id)
+    except KeyError as e:
+        _fail([str(e.args[0])])
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec, YAML or JSON.")],
+) -> None:
+    """Run a sweep here (local Ray, MLflow's default store) with a live table of trials.
+
+    Ctrl-C pauses it; `sweeper resume ID` continues without re-running finished trials.
+    """
+    from sweeper.store import SweepRecord
+
+    parsed = _load_spec_or_fail(spec)
+    rec = SweepRecord.create(parsed)
+    console.print(
+        f"sweep {rec.id}: {parsed.budget.trials} configuration(s) x "
+        f"{parsed.repeats} seed(s), {parsed.budget.max_concurrent} at a time"
+    )
+    _drive(rec, resume=False)
+
+
+@app.command()
+def resume(sweep_id: Annotated[str, typer.Argument(help="Sweep id (see `sweeper list`).")]) -> None:
+    """Continue an interrupted sweep; finished trials are not run again."""
+    rec = _open_or_fail(sweep_id)
+    status = rec.read()["status"]
+    if status not in ("interrupted", "failed", "running"):
+        _fail([f"sweep {sweep_id} is {status}: only an interrupted or failed sweep resumes"])
+    _drive(rec, resume=True)
+
+
+@app.command()
+def status(sweep_id: Annotated[str, typer.Argument(help="Sweep id.")]) -> None:
+    """A sweep's state, best trial and trial table."""
+    state = _open_or_fail(sweep_id).read()
+    console.print(trials_table(state, title=_summary(state)))
+    _print_outcome(state)
+
+
+@app.command("list")
+def list_sweeps() -> None:
+    """The sweeps in this folder (SWEEPER_HOME, default ./sweeps)."""
+    import time
+
+    from sweeper.store import SweepRecord, home
+
+    recs = SweepRecord.all()
+    if not recs:
+        console.print(f"no sweeps in {home()}")
+        return
+    table = Table()
+    for col in ("id", "status", "trials", "best", "created"):
+        table.add_column(col)
+    for rec in recs:
+        s = rec.read()
+        best = s.get("best")
+        table.add_row(
+            s["id"],
+            s["status"],
+            str(len(s.get("trials", {}))),
+            f"{best['metric']}={best['value']:.4f}" if best else "",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"])),
+        )
+    console.print(table)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from ray import tune
 
 from trainer.config import TrainerConfig, flatten_config
 
@@ -67,3 +68,206 @@ class MlflowRun:
             self.flush()
         finally:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+class SweepParentRun:
+    """The sweep's parent run: the spec as an artifact, the best configuration when done."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+
+    @classmethod
+    def open(cls, spec, rec) -> SweepParentRun:
+        """Create the parent run, or reopen the one a resumed sweep already has."""
+        client = MlflowClient()
+        ids = rec.read().get("mlflow") or {}
+        if ids.get("parent_run_id"):
+            client.update_run(ids["parent_run_id"], status="RUNNING")
+            return cls(client, ids["parent_run_id"], ids["experiment_id"])
+        exp_id = _experiment_id(client, spec.experiment)
+        run = client.create_run(exp_id, run_name=rec.id, tags={"sweep_id": rec.id})
+        client.log_artifact(run.info.run_id, str(rec.path / "spec.yaml"))
+        client.log_batch(
+            run.info.run_id,
+            params=[
+                Param("sampler", spec.search.sampler),
+                Param("trials", str(spec.budget.trials)),
+                Param("repeats", str(spec.repeats)),
+                Param("objective", f"{spec.objective.mode} {spec.objective.metric}"),
+            ],
+        )
+        rec.update(
+            mlflow={
+                "experiment_id": exp_id,
+                "parent_run_id": run.info.run_id,
+                "tracking_uri": mlflow_uri(),
+            }
+        )
+        return cls(client, run.info.run_id, exp_id)
+
+    def log_best(self, best: dict | None) -> None:
+        if not best:
+            return
+        params = [Param(f"best.{k}", str(v)) for k, v in best["params"].items()]
+        metric = Metric(f"best/{best['metric']}", float(best["value"]), int(time.time() * 1000), 0)
+        self.client.log_batch(self.run_id, metrics=[metric], params=params)
+        self.client.set_tag(self.run_id, "best_trial_ids", ",".join(best["trial_ids"]))
+
+    def end(self, status: str) -> None:
+        """End the parent and any child still RUNNING (an interrupted trial) as KILLED."""
+        exp = self.client.get_run(self.run_id).info.experiment_id
+        children = self.client.search_runs(
+            [exp], f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        )
+        for child in children:
+            self.client.set_terminated(child.info.run_id, status="KILLED")
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+class MlflowTrialLogger(tune.Callback):
+    """One MLflow child run per Tune trial, written from the driver.
+
+    Each Tune report carries an evaluation and the steps since the last one (``history``),
+    written with one ``log_batch``: the trial itself never waits on MLflow.
+
+    Runs live in the driver because code after a trial's last report may never run: the
+    driver sees every result and every end (finished, stopped by ASHA, failed), so it is
+    the one place that can close each run FINISHED, KILLED or FAILED.
+    """
+
+    def __init__(self, spec, parent_run_id: str, sweep_dir: str):
+        self.spec, self.parent_run_id, self.sweep_id = spec, parent_run_id, Path(sweep_dir).name
+        self.tracking_uri = mlflow_uri()
+        self.run_ids: dict[str, str] = {}
+        self._runtime()
+
+    def _runtime(self) -> None:
+        self._client: MlflowClient | None = None
+        self._buf: dict[str, list[Metric]] = {}
+
+    def __getstate__(self):  # Tune pickles callbacks with its experiment state
+        state = self.__dict__.copy()
+        for k in ("_client", "_buf"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._runtime()
+
+    def get_state(self) -> dict:  # saved with Tune's experiment state, back on restore
+        return {"run_ids": dict(self.run_ids)}
+
+    def set_state(self, state: dict) -> None:
+        self.run_ids.update(state.get("run_ids", {}))
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _open(self, trial) -> str:
+        from sweeper.driver import TRIAL_INDEX
+
+        exp_id = self.client.get_run(self.parent_run_id).info.experiment_id
+        if trial.trial_id not in self.run_ids:  # restored from an older snapshot: ask MLflow
+            found = self.client.search_runs(
+                [exp_id],
+                f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                f"and tags.trial_id = '{trial.trial_id}'",
+            )
+            if found:
+                self.run_ids[trial.trial_id] = found[0].info.run_id
+        if trial.trial_id in self.run_ids:  # a restored or retried trial keeps its run
+            self.client.update_run(self.run_ids[trial.trial_id], status="RUNNING")
+            return self.run_ids[trial.trial_id]
+        repeat = trial.config.get(TRIAL_INDEX, 0)
+        cfg = self.spec.trainer_config(trial.config, repeat=repeat)
+        shown = " ".join(
+            f"{k}={trial.config[k]:.4g}"
+            if isinstance(trial.config[k], float)
+            else f"{k}={trial.config[k]}"
+            for k in self.spec.search.space
+        )
+        run = self.client.create_run(
+            exp_id,
+            run_name=f"{trial.trial_id} {shown} seed={cfg.seed}".strip(),
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                "trial_id": trial.trial_id,
+                "sweep_id": self.sweep_id,
+            },
+        )
+        params = [Param(k, str(v)) for k, v in flatten_config(cfg).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        self.run_ids[trial.trial_id] = run.info.run_id
+        return run.info.run_id
+
+    def _flush(self, trial_id: str) -> None:
+        buf = self._buf.pop(trial_id, [])
+        for i in range(0, len(buf), _MAX_BATCH):
+            self.client.log_batch(self.run_ids[trial_id], metrics=buf[i : i + _MAX_BATCH])
+
+    def _end(self, trial, status: str) -> None:
+        if trial.trial_id not in self.run_ids:
+            return
+        self._flush(trial.trial_id)
+        self.client.set_terminated(self.run_ids[trial.trial_id], status=status)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._open(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id not in self.run_ids:
+            self._open(trial)
+        ts, step = int(time.time() * 1000), int(result.get("step", 0))
+        buf = self._buf.setdefault(trial.trial_id, [])
+        for s, metrics in result.get("history", []):
+            buf.extend(Metric(k, float(v), ts, s) for k, v in metrics.items())
+        buf.extend(
+            Metric(k, float(v), ts, step)
+            for k, v in result.items()
+            if k.startswith("val/") and isinstance(v, int | float)
+        )
+        self._flush(trial.trial_id)  # one log_batch per report: an eval's worth of steps
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from sweeper.driver import ran_to_the_end
+
+        self._end(trial, "FINISHED" if ran_to_the_end(self.spec, trial) else "KILLED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.run_ids:
+            self._flush(trial.trial_id)
+            self.client.set_tag(self.run_ids[trial.trial_id], "retried", str(trial.num_failures))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.run_ids:
+            self.client.set_tag(self.run_ids[trial.trial_id], "error", _error_text(trial))
+        self._end(trial, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        for trial_id in list(self._buf):
+            self._flush(trial_id)
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "trial failed")[:500]

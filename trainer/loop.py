@@ -31,6 +31,21 @@ from trainer.model import (
 
 Report = Callable[[int, dict[str, float]], None]
 
+# What `report` receives: every step the train metrics, on eval steps the val metrics too
+# (plus val/accuracy_by_question/<question>).
+TRAIN_METRICS = (
+    "train/loss_lm",
+    "train/loss_reg",
+    "train/loss_total",
+    "train/reg_constant",
+    "train/grad_norm_lm",
+    "train/grad_norm_reg",
+    "train/lr",
+    "train/proj_token_norm",
+    "train/lm_token_norm",
+)
+VAL_METRICS = ("val/accuracy", "val/accuracy_choice", "val/loss_lm", "val/loss_reg")
+
 
 @dataclass
 class TrainResult:

@@ -1,0 +1,256 @@
+"""The sweep spec: one pydantic model shared by the CLI, the API and the driver."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import optuna.distributions as od
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from trainer.config import TrainerConfig
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class FloatParam(BaseModel):
+    """A float searched between ``low`` and ``high`` (log-uniform with ``log``)."""
+
+    model_config = _STRICT
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def extremes(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class IntParam(BaseModel):
+    """An integer searched between ``low`` and ``high`` inclusive."""
+
+    model_config = _STRICT
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.IntDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def extremes(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class CategoricalParam(BaseModel):
+    """One of ``choices`` (numbers, strings, booleans or null)."""
+
+    model_config = _STRICT
+    type: Literal["categorical"]
+    choices: list[float | int | str | bool | None]
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.CategoricalDistribution(self.choices)
+
+    def extremes(self) -> list[Any]:
+        return list(self.choices)
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class Search(BaseModel):
+    model_config = _STRICT
+    sampler: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc"] = "tpe"
+    seed: int = 0
+    space: dict[str, Param] = Field(default_factory=dict)
+    points: list[dict[str, Any]] = Field(
+        default_factory=list, description="Warm-start configurations, tried first."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Search:
+        for name, p in self.space.items():
+            try:
+                p.distribution()  # Optuna's own checks, in Optuna's words
+            except ValueError as e:
+                raise ValueError(f"space.{name}: {e}") from None
+        if self.sampler == "grid":
+            bad = [n for n, p in self.space.items() if not isinstance(p, CategoricalParam)]
+            if bad:
+                raise ValueError(
+                    f"space.{bad[0]}: the grid sampler needs categorical choices, not a range: "
+                    "give it `type: categorical` and the values to try"
+                )
+        for i, point in enumerate(self.points):
+            for name, value in point.items():
+                if name not in self.space:
+                    raise ValueError(f"points.{i}.{name}: not a key of search.space")
+                dist = self.space[name].distribution()
+                try:
+                    inside = dist._contains(dist.to_internal_repr(value))
+                except (ValueError, TypeError):
+                    inside = False
+                if not inside:
+                    raise ValueError(f"points.{i}.{name}: {value!r} is outside the search space")
+        return self
+
+    def grid_size(self) -> int:
+        return math.prod(len(p.choices) for p in self.space.values())  # type: ignore[union-attr]
+
+
+class Objective(BaseModel):
+    model_config = _STRICT
+    metric: str = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from trainer.loop import TRAIN_METRICS, VAL_METRICS
+
+        if v in VAL_METRICS or v in TRAIN_METRICS or v.startswith("val/accuracy_by_question/"):
+            return v
+        raise ValueError(f"{v!r} is not a metric the trainer reports; one of {VAL_METRICS}")
+
+
+class Budget(BaseModel):
+    model_config = _STRICT
+    trials: int | None = Field(
+        16, ge=1, description="Configurations to try (each run `repeats` times); null: grid size."
+    )
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this.")
+
+
+class EarlyStopping(BaseModel):
+    model_config = _STRICT
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(50, ge=1, description="Steps every trial runs before it can stop.")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class Resources(BaseModel):
+    model_config = _STRICT
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0, description="Per trial; fractions share a GPU.")
+
+
+class Failure(BaseModel):
+    model_config = _STRICT
+    max_failures: int = Field(1, ge=0, description="Retries of a failing trial before FAILED.")
+
+
+class SweepSpec(BaseModel):
+    """A sweep: a base trainer config, the space to search, and how to run it."""
+
+    model_config = _STRICT
+    name: str = Field(max_length=64, description="Lower-case letters, digits and '-'.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: name.")
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    search: Search = Field(default_factory=Search)
+    objective: Objective = Field(default_factory=Objective)
+    budget: Budget = Field(default_factory=Budget)
+    repeats: int = Field(1, ge=1, description="Seeds per configuration; objective = their mean.")
+    early_stopping: EarlyStopping | None = None
+    resources: Resources = Field(default_factory=Resources)
+    failure: Failure = Field(default_factory=Failure)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", v):
+            raise ValueError(f"must be lower-case letters, digits and '-', but got {v!r}")
+        return v
+
+    @field_validator("trainer")
+    @classmethod
+    def _check_trainer(cls, v: dict[str, Any]) -> dict[str, Any]:
+        TrainerConfig.model_validate(v)  # unknown keys and bad values, with their path
+        return v
+
+    @model_validator(mode="after")
+    def _check_space_against_trainer(self) -> SweepSpec:
+        fields = TrainerConfig.model_fields
+        for name, param in self.search.space.items():
+            if name not in fields:
+                raise ValueError(f"search.space.{name}: not a trainer field")
+            for value in param.extremes():
+                try:
+                    TrainerConfig.model_validate(self.trainer | {name: value})
+                except ValidationError as e:
+                    msg = e.errors()[0]["msg"]
+                    err = f"search.space.{name}: {value!r} is not valid: {msg}"
+                    raise ValueError(err) from None
+        if self.experiment is None:
+            self.experiment = self.name
+        if self.budget.trials is None:
+            if self.search.sampler != "grid":
+                raise ValueError("budget.trials may be null only with the grid sampler")
+            self.budget.trials = self.search.grid_size()
+        return self
+
+    def base_config(self) -> TrainerConfig:
+        return TrainerConfig.model_validate(self.trainer)
+
+    def trainer_config(self, params: dict[str, Any], repeat: int = 0) -> TrainerConfig:
+        """The full trainer config of one trial: base, sampled params, and its seed."""
+        fields = self.trainer | {k: v for k, v in params.items() if k in self.search.space}
+        cfg = TrainerConfig.model_validate(fields)
+        return cfg.model_copy(update={"seed": cfg.seed + repeat})
+
+
+def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
+    """One line per problem, led by its field path (``search.space.reg_constant: ...``)."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # Discriminated unions add the tag to the path (space.x.float.low); drop it.
+        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] and p in _TAGS)]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        # Our model validators lead their message with the path below the model's own.
+        head, sep, rest = msg.partition(": ")
+        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_/-]+)+", head):
+            loc, msg = [*loc, head], rest
+        path = ".".join(loc)
+        lines.append(f"{source}{path}: {msg}" if path else f"{source}{msg}")
+    return lines
+
+
+_TAGS = {"float", "int", "categorical"}
+
+
+def parse_spec(text: str, content_type: str = "yaml") -> SweepSpec:
+    """Parse YAML or JSON text into a spec; raises ValueError or ValidationError."""
+    try:
+        data = json.loads(text) if content_type == "json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid {content_type.upper()}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a sweep spec is a mapping, got {type(data).__name__}")
+    return SweepSpec.model_validate(data)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"spec file not found: {p}")
+    return parse_spec(p.read_text(), "json" if p.suffix == ".json" else "yaml")

@@ -1,0 +1,108 @@
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+from sweeper.search import make_searcher
+from sweeper.spec import SweepSpec, format_spec_errors
+from tests.sweeper.conftest import write_spec
+
+SPACE = "search.space"
+
+
+def _errors(spec: dict) -> list[str]:
+    with pytest.raises(ValidationError) as e:
+        SweepSpec.model_validate(spec)
+    return format_spec_errors(e.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        ({"colour": "red"}, "colour: unknown field"),
+        (
+            {"search": {"space": {"reg_constant": {"type": "float", "low": 2, "high": 1}}}},
+            f"{SPACE}.reg_constant: `low <= high` must hold, but got (low=2.0, high=1.0).",
+        ),
+        (
+            {"search": {"space": {"reg_constant": {"type": "float", "low": 0, "high": 1,
+                                                   "log": True}}}},
+            f"{SPACE}.reg_constant: `low > 0` must hold for `log=True`",
+        ),
+        (
+            {"search": {"space": {"token_expansion": {"type": "categorical", "choices": []}}}},
+            f"{SPACE}.token_expansion: The `choices` must contain one or more elements.",
+        ),
+        (
+            {"search": {"space": {"warp": {"type": "float", "low": 0, "high": 1}}}},
+            f"{SPACE}.warp: not a trainer field",
+        ),
+        ({"budget": {"max_concurrent": 0}}, "budget.max_concurrent: Input should be greater"),
+        (
+            {"search": {"space": {"reg_constant": {"type": "float", "low": -1, "high": 1}}}},
+            f"{SPACE}.reg_constant: -1.0 is not valid: Input should be greater than or equal to 0",
+        ),
+        ({"trainer": {"reg_constant": 0.1, "colour": 1}}, "trainer.colour: unknown field"),
+        ({"objective": {"metric": "val/acc"}}, "objective.metric: 'val/acc' is not a metric"),
+        ({"name": "Big Name"}, "name: must be lower-case letters, digits and '-'"),
+    ],
+)
+def test_bad_spec_names_the_field(tiny_spec, change, line):
+    spec = tiny_spec()
+    for key, value in change.items():
+        spec[key] = value
+    errors = _errors(spec)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(line), errors
+
+
+def test_cli_prints_one_line_per_problem(tmp_path, tiny_spec):
+    spec = tiny_spec(budget={"max_concurrent": 0})
+    spec["colour"] = "red"
+    result = CliRunner().invoke(app, ["submit", str(write_spec(tmp_path / "s.yaml", spec))])
+    assert result.exit_code == 1
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 2 and "Traceback" not in result.output
+    assert any("budget.max_concurrent" in x for x in lines)
+    assert any("colour: unknown field" in x for x in lines)
+
+
+def test_defaults_and_derived_fields(tiny_spec):
+    spec = SweepSpec.model_validate(tiny_spec())
+    assert spec.experiment == "tiny" and spec.objective.metric == "val/accuracy"
+    cfg = spec.trainer_config({"reg_constant": 0.5, "token_expansion": 4}, repeat=2)
+    assert (cfg.reg_constant, cfg.token_expansion, cfg.seed) == (0.5, 4, 2)
+
+
+def test_grid_needs_choices_and_sizes_the_budget(tiny_spec):
+    errors = _errors(tiny_spec(search={"sampler": "grid"}))
+    assert errors[0].startswith(f"{SPACE}.reg_constant: the grid sampler needs categorical")
+    grid = tiny_spec(
+        search={"sampler": "grid", "space": {
+            "reg_constant": {"type": "categorical", "choices": [0.0, 1.0]},
+            "token_expansion": {"type": "categorical", "choices": [1, 2, 4]}}},
+        budget={"trials": None},
+    )
+    assert SweepSpec.model_validate(grid).budget.trials == 6
+
+
+def _first(spec: SweepSpec, n: int) -> list[dict]:
+    searcher = make_searcher(spec)
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])
+def test_same_spec_and_seed_propose_the_same_first_configurations(tiny_spec, sampler):
+    spec = SweepSpec.model_validate(tiny_spec(search={"sampler": sampler}))
+    first = _first(spec, 4)
+    assert first == _first(spec, 4)
+    assert all(1e-3 <= c["reg_constant"] <= 10 and c["token_expansion"] in (1, 2, 4) for c in first)
+    other = SweepSpec.model_validate(tiny_spec(search={"sampler": sampler, "seed": 1}))
+    assert _first(other, 4) != first
+
+
+def test_warm_start_points_come_first(tiny_spec):
+    spec = SweepSpec.model_validate(
+        tiny_spec(search={"points": [{"reg_constant": 0.001, "token_expansion": 1}]})
+    )
+    assert _first(spec, 1)[0] == {"reg_constant": 0.001, "token_expansion": 1}

@@ -1,0 +1,170 @@
+"""Real sweeps: Ray Tune on 2 CPUs, Optuna, a real MLflow sqlite store, the tiny model."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+from sweeper.driver import run_sweep
+from sweeper.spec import SweepSpec
+from sweeper.store import SweepRecord
+from tests.conftest import make_dataset
+from tests.sweeper.conftest import write_spec
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _sweep(spec: dict) -> tuple[dict, SweepRecord]:
+    rec = SweepRecord.create(SweepSpec.model_validate(spec))
+    return run_sweep(rec), rec
+
+
+def _children(uri: str, state: dict):
+    client = MlflowClient(uri)
+    parent = state["mlflow"]["parent_run_id"]
+    runs = client.search_runs(
+        [state["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    return client, runs
+
+
+def test_sweep_logs_a_parent_and_a_finished_child_per_trial(sweep_env, tiny_spec):
+    state, rec = _sweep(tiny_spec())
+    assert state["status"] == "succeeded"
+    client, runs = _children(sweep_env, state)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        assert {"reg_constant", "token_expansion", "lr", "seed", "model"} <= r.data.params.keys()
+        assert r.data.tags["trial_id"] in state["trials"]
+        for key in ("train/loss_lm", "train/loss_reg", "train/reg_constant", "train/grad_norm_lm"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert steps == list(range(1, 21)), key  # one point per reported step
+        acc = client.get_metric_history(r.info.run_id, "val/accuracy")
+        assert [m.step for m in acc] == [10, 20]
+        assert float(r.data.params["reg_constant"]) == pytest.approx(
+            state["trials"][r.data.tags["trial_id"]]["params"]["reg_constant"]
+        )
+    parent = client.get_run(state["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_id"] == rec.id
+    assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    best = state["best"]
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best["value"])
+    assert parent.data.params["best.token_expansion"] == str(best["params"]["token_expansion"])
+    accs = [t["metrics"]["val/accuracy"] for t in state["trials"].values()]
+    assert best["value"] == pytest.approx(max(accs))
+
+    out = CliRunner().invoke(app, ["status", rec.id]).output
+    assert "succeeded (4 finished)" in out and "best: val/accuracy" in out
+    assert rec.id in CliRunner().invoke(app, ["list"]).output
+
+
+def test_asha_stops_weak_trials_and_their_runs_end_killed(sweep_env, tiny_spec):
+    spec = tiny_spec(
+        trainer={"max_steps": 40},
+        search={"sampler": "random", "space": {
+            "lr": {"type": "categorical", "choices": [1e-6, 3e-2]},
+            "token_expansion": {"type": "categorical", "choices": [1, 4]}}},
+        budget={"trials": 8, "max_concurrent": 1},
+        early_stopping={"type": "asha", "grace_period": 10, "reduction_factor": 3},
+    )
+    state, _ = _sweep(spec)
+    stopped = [t for t in state["trials"].values() if t["status"] == "stopped"]
+    assert stopped and all(t["step"] < 40 for t in stopped)
+    client, runs = _children(sweep_env, state)
+    status = {r.data.tags["trial_id"]: r.info.status for r in runs}
+    assert {status[t["id"]] for t in stopped} == {"KILLED"}
+    assert "RUNNING" not in status.values()
+    assert state["status"] == "succeeded"
+
+
+def test_failing_trial_ends_failed_and_the_sweep_goes_on(sweep_env, tiny_spec, tiny_dataset, tmp_path):
+    bad = make_dataset(tmp_path / "nan-data", n=40)
+    emb = np.load(bad / "embeddings.npy")
+    emb[:] = np.nan
+    np.save(bad / "embeddings.npy", emb)
+    spec = tiny_spec(
+        search={"sampler": "grid", "space": {
+            "dataset": {"type": "categorical", "choices": [tiny_dataset, str(bad)]}}},
+        budget={"trials": None, "max_concurrent": 2},
+        failure={"max_failures": 1},
+    )
+    state, _ = _sweep(spec)
+    by_data = {t["params"]["dataset"]: t for t in state["trials"].values()}
+    assert by_data[str(bad)]["status"] == "failed"
+    assert by_data[tiny_dataset]["status"] == "finished"
+    assert state["status"] == "succeeded"
+    client, runs = _children(sweep_env, state)
+    run = {r.data.params["dataset"]: r for r in runs}
+    assert run[str(bad)].info.status == "FAILED"
+    assert "non-finite loss" in run[str(bad)].data.tags["error"]
+    assert run[str(bad)].data.tags["retried"] == "1"  # retried once (max_failures), then FAILED
+    assert run[tiny_dataset].info.status == "FINISHED"
+
+
+def test_repeats_run_each_configuration_with_several_seeds(sweep_env, tiny_spec):
+    state, _ = _sweep(tiny_spec(repeats=3, budget={"trials": 2, "max_concurrent": 2}))
+    rows = list(state["trials"].values())
+    assert len(rows) == 6
+    configs: dict = {}
+    for t in rows:
+        configs.setdefault(tuple(sorted(t["params"].items())), []).append(t["seed"])
+    assert len(configs) == 2 and all(sorted(s) == [0, 1, 2] for s in configs.values())
+    assert state["best"]["seeds"] == 3
+    _, runs = _children(sweep_env, state)
+    assert len(runs) == 6 and {r.data.params["seed"] for r in runs} == {"0", "1", "2"}
+
+
+def _state(home, sweep_id=None):
+    recs = SweepRecord.all()
+    return recs[-1].read() if sweep_id is None else SweepRecord.open(sweep_id).read()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    sweep_env, tiny_spec, tmp_path
+):
+    spec = tiny_spec(trainer={"max_steps": 600, "eval_every": 100},
+                     budget={"trials": 5, "max_concurrent": 2})
+    path = write_spec(tmp_path / "spec.yaml", spec)
+    cmd = [sys.executable, "-m", "sweeper"]
+    proc = subprocess.Popen([*cmd, "submit", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        recs = SweepRecord.all()
+        rows = recs[-1].read()["trials"].values() if recs else []
+        if any(t["status"] == "finished" for t in rows):
+            break
+    else:
+        proc.kill()
+        pytest.fail("no trial finished in time")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    before = SweepRecord.all()[-1].read()
+    assert before["status"] == "interrupted", out
+    assert f"sweeper resume {before['id']}" in out
+    done_before = {k for k, t in before["trials"].items() if t["status"] == "finished"}
+    assert done_before and len(done_before) < 5
+
+    res = subprocess.run([*cmd, "resume", before["id"]], capture_output=True, text=True,
+                         timeout=300, env=os.environ.copy())
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = SweepRecord.open(before["id"]).read()
+    assert after["status"] == "succeeded"
+    assert len(after["trials"]) == 5
+    assert {t["status"] for t in after["trials"].values()} == {"finished"}
+    client, runs = _children(sweep_env, after)
+    assert len(runs) == 5  # no trial got a second run
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_lm")]
+        if r.data.tags["trial_id"] in done_before:
+            assert steps == list(range(1, 601))  # logged once: never run again
+        assert set(steps) == set(range(1, 601))
