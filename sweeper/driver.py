@@ -19,10 +19,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
 from sweeper.search import make_searcher
-from trainer.loop import VAL_METRICS
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
 from sweeper.tracking import MlflowTrialLogger, SweepParentRun
+from trainer.loop import VAL_METRICS
 
 TRIAL_INDEX = "__trial_index__"  # set by Ray Tune's Repeater: which seed of a configuration
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
+from typing import Any
+
 import optuna
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -32,13 +37,68 @@ def make_searcher(spec: SweepSpec) -> Searcher:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = {k: p.distribution() for k, p in spec.search.space.items()}
     # With its own space, OptunaSearch is never handed TuneConfig's metric: give it here too.
+    warm = [dict(p) for p in spec.search.points if spec.search.in_space(p)]
+    baselines = [dict(p) for p in spec.search.points if not spec.search.in_space(p)]
     searcher: Searcher = OptunaSearch(
         space=space,
         metric=spec.objective.metric,
         mode=spec.objective.mode,
-        points_to_evaluate=[dict(p) for p in spec.search.points] or None,
+        points_to_evaluate=warm or None,
         sampler=make_sampler(spec),
     )
+    if baselines:
+        searcher = Baselines(searcher, baselines)
     if spec.repeats > 1:
         searcher = Repeater(searcher, repeat=spec.repeats, set_index=True)
     return searcher
+
+
+class Baselines(Searcher):
+    """Serves fixed configurations first and keeps them from the wrapped searcher.
+
+    A baseline such as λ = 0 lies outside a log-uniform range: Optuna cannot hold it, so
+    it runs as an ordinary trial (with its own MLflow run) but is never told to Optuna.
+    """
+
+    def __init__(self, searcher: Searcher, points: list[dict[str, Any]]):
+        self.searcher = searcher
+        self.points = list(points)
+        self.served: set[str] = set()
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if self.points:
+            self.served.add(trial_id)
+            return dict(self.points.pop(0))
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.served:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if trial_id not in self.served:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        inner = checkpoint_path + ".inner"
+        self.searcher.save(inner)
+        with open(inner, "rb") as f:
+            blob = f.read()
+        os.remove(inner)
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"points": self.points, "served": self.served, "inner": blob}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.points, self.served = state["points"], state["served"]
+        with tempfile.NamedTemporaryFile(delete=False) as tmp:
+            tmp.write(state["inner"])
+        try:
+            self.searcher.restore(tmp.name)
+        finally:
+            os.remove(tmp.name)

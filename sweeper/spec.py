@@ -81,8 +81,22 @@ class Search(BaseModel):
     seed: int = 0
     space: dict[str, Param] = Field(default_factory=dict)
     points: list[dict[str, Any]] = Field(
-        default_factory=list, description="Warm-start configurations, tried first."
+        default_factory=list,
+        description="Configurations tried first. Inside the space they warm-start the "
+        "sampler; outside it (say λ = 0 beside a log range) they run as baselines that the "
+        "sampler never sees.",
     )
+
+    def in_space(self, point: dict[str, Any]) -> bool:
+        """Whether Optuna's distributions hold every value of ``point``."""
+        for name, value in point.items():
+            dist = self.space[name].distribution()
+            try:
+                if not dist._contains(dist.to_internal_repr(value)):
+                    return False
+            except (ValueError, TypeError):
+                return False
+        return True
 
     @model_validator(mode="after")
     def _check(self) -> Search:
@@ -99,16 +113,9 @@ class Search(BaseModel):
                     "give it `type: categorical` and the values to try"
                 )
         for i, point in enumerate(self.points):
-            for name, value in point.items():
+            for name in point:
                 if name not in self.space:
                     raise ValueError(f"points.{i}.{name}: not a key of search.space")
-                dist = self.space[name].distribution()
-                try:
-                    inside = dist._contains(dist.to_internal_repr(value))
-                except (ValueError, TypeError):
-                    inside = False
-                if not inside:
-                    raise ValueError(f"points.{i}.{name}: {value!r} is outside the search space")
         return self
 
     def grid_size(self) -> int:
@@ -198,6 +205,13 @@ class SweepSpec(BaseModel):
                     msg = e.errors()[0]["msg"]
                     err = f"search.space.{name}: {value!r} is not valid: {msg}"
                     raise ValueError(err) from None
+        for i, point in enumerate(self.search.points):
+            try:
+                TrainerConfig.model_validate(self.trainer | point)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"search.points.{i}.{where}: {err['msg']}") from None
         if self.experiment is None:
             self.experiment = self.name
         if self.budget.trials is None:

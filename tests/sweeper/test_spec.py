@@ -25,8 +25,11 @@ def _errors(spec: dict) -> list[str]:
             f"{SPACE}.reg_constant: `low <= high` must hold, but got (low=2.0, high=1.0).",
         ),
         (
-            {"search": {"space": {"reg_constant": {"type": "float", "low": 0, "high": 1,
-                                                   "log": True}}}},
+            {
+                "search": {
+                    "space": {"reg_constant": {"type": "float", "low": 0, "high": 1, "log": True}}
+                }
+            },
             f"{SPACE}.reg_constant: `low > 0` must hold for `log=True`",
         ),
         (
@@ -78,9 +81,13 @@ def test_grid_needs_choices_and_sizes_the_budget(tiny_spec):
     errors = _errors(tiny_spec(search={"sampler": "grid"}))
     assert errors[0].startswith(f"{SPACE}.reg_constant: the grid sampler needs categorical")
     grid = tiny_spec(
-        search={"sampler": "grid", "space": {
-            "reg_constant": {"type": "categorical", "choices": [0.0, 1.0]},
-            "token_expansion": {"type": "categorical", "choices": [1, 2, 4]}}},
+        search={
+            "sampler": "grid",
+            "space": {
+                "reg_constant": {"type": "categorical", "choices": [0.0, 1.0]},
+                "token_expansion": {"type": "categorical", "choices": [1, 2, 4]},
+            },
+        },
         budget={"trials": None},
     )
     assert SweepSpec.model_validate(grid).budget.trials == 6
@@ -106,3 +113,24 @@ def test_warm_start_points_come_first(tiny_spec):
         tiny_spec(search={"points": [{"reg_constant": 0.001, "token_expansion": 1}]})
     )
     assert _first(spec, 1)[0] == {"reg_constant": 0.001, "token_expansion": 1}
+
+
+def test_baseline_outside_a_log_range_runs_first_and_optuna_never_sees_it(tiny_spec):
+    spec = SweepSpec.model_validate(
+        tiny_spec(search={"points": [{"reg_constant": 0.0, "token_expansion": 1}]})
+    )
+    searcher = make_searcher(spec)
+    assert searcher.suggest("t0") == {"reg_constant": 0.0, "token_expansion": 1}
+    searcher.on_trial_complete("t0", {"val/accuracy": 0.9})
+    nxt = searcher.suggest("t1")
+    assert nxt["reg_constant"] > 0
+    searcher.on_trial_complete("t1", {"val/accuracy": 0.5})
+    study = searcher.searcher._ot_study
+    assert [t.params["reg_constant"] for t in study.trials] == [nxt["reg_constant"]]
+
+
+def test_points_must_be_valid_trainer_values(tiny_spec):
+    errors = _errors(tiny_spec(search={"points": [{"reg_constant": -1.0}]}))
+    assert errors[0].startswith("search.points.0.reg_constant: Input should be greater")
+    errors = _errors(tiny_spec(search={"points": [{"lr": 0.1}]}))
+    assert errors[0].startswith("search.points.0.lr: not a key of search.space")

@@ -68,30 +68,38 @@ def test_sweep_logs_a_parent_and_a_finished_child_per_trial(sweep_env, tiny_spec
 def test_asha_stops_weak_trials_and_their_runs_end_killed(sweep_env, tiny_spec):
     spec = tiny_spec(
         trainer={"max_steps": 40},
-        search={"sampler": "random", "space": {
-            "lr": {"type": "categorical", "choices": [1e-6, 3e-2]},
-            "token_expansion": {"type": "categorical", "choices": [1, 4]}}},
+        search={
+            "sampler": "random",
+            "space": {
+                "lr": {"type": "categorical", "choices": [1e-6, 3e-2]},
+                "token_expansion": {"type": "categorical", "choices": [1, 4]},
+            },
+        },
         budget={"trials": 8, "max_concurrent": 1},
         early_stopping={"type": "asha", "grace_period": 10, "reduction_factor": 3},
     )
     state, _ = _sweep(spec)
     stopped = [t for t in state["trials"].values() if t["status"] == "stopped"]
     assert stopped and all(t["step"] < 40 for t in stopped)
-    client, runs = _children(sweep_env, state)
+    _, runs = _children(sweep_env, state)
     status = {r.data.tags["trial_id"]: r.info.status for r in runs}
     assert {status[t["id"]] for t in stopped} == {"KILLED"}
     assert "RUNNING" not in status.values()
     assert state["status"] == "succeeded"
 
 
-def test_failing_trial_ends_failed_and_the_sweep_goes_on(sweep_env, tiny_spec, tiny_dataset, tmp_path):
+def test_failing_trial_ends_failed_and_the_sweep_goes_on(
+    sweep_env, tiny_spec, tiny_dataset, tmp_path
+):
     bad = make_dataset(tmp_path / "nan-data", n=40)
     emb = np.load(bad / "embeddings.npy")
     emb[:] = np.nan
     np.save(bad / "embeddings.npy", emb)
     spec = tiny_spec(
-        search={"sampler": "grid", "space": {
-            "dataset": {"type": "categorical", "choices": [tiny_dataset, str(bad)]}}},
+        search={
+            "sampler": "grid",
+            "space": {"dataset": {"type": "categorical", "choices": [tiny_dataset, str(bad)]}},
+        },
         budget={"trials": None, "max_concurrent": 2},
         failure={"max_failures": 1},
     )
@@ -100,7 +108,7 @@ def test_failing_trial_ends_failed_and_the_sweep_goes_on(sweep_env, tiny_spec, t
     assert by_data[str(bad)]["status"] == "failed"
     assert by_data[tiny_dataset]["status"] == "finished"
     assert state["status"] == "succeeded"
-    client, runs = _children(sweep_env, state)
+    _, runs = _children(sweep_env, state)
     run = {r.data.params["dataset"]: r for r in runs}
     assert run[str(bad)].info.status == "FAILED"
     assert "non-finite loss" in run[str(bad)].data.tags["error"]
@@ -129,12 +137,18 @@ def _state(home, sweep_id=None):
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     sweep_env, tiny_spec, tmp_path
 ):
-    spec = tiny_spec(trainer={"max_steps": 600, "eval_every": 100},
-                     budget={"trials": 5, "max_concurrent": 2})
+    spec = tiny_spec(
+        trainer={"max_steps": 600, "eval_every": 100}, budget={"trials": 5, "max_concurrent": 2}
+    )
     path = write_spec(tmp_path / "spec.yaml", spec)
     cmd = [sys.executable, "-m", "sweeper"]
-    proc = subprocess.Popen([*cmd, "submit", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [*cmd, "submit", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(1)
@@ -153,8 +167,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     done_before = {k for k, t in before["trials"].items() if t["status"] == "finished"}
     assert done_before and len(done_before) < 5
 
-    res = subprocess.run([*cmd, "resume", before["id"]], capture_output=True, text=True,
-                         timeout=300, env=os.environ.copy())
+    res = subprocess.run(
+        [*cmd, "resume", before["id"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     after = SweepRecord.open(before["id"]).read()
     assert after["status"] == "succeeded"
