@@ -159,8 +159,8 @@ def trials_table(state: dict, title: str | None = None) -> Table:
         table.add_row(
             row["id"],
             f"[{colours.get(st, 'white')}]{st}[/]",
-            _fmt(p.get("reg_constant")),
-            _fmt(p.get("token_expansion")),
+            _fmt(row.get("reg_constant", p.get("reg_constant"))),
+            _fmt(row.get("token_expansion", p.get("token_expansion"))),
             _fmt(row.get("seed")),
             _fmt(row.get("step")),
             _fmt(m.get("train/loss_lm"), ".3f"),
@@ -213,7 +213,13 @@ def _drive(rec, resume: bool) -> None:
         except KeyboardInterrupt:
             state = rec.update(status="interrupted", pid=None)
         except Exception as e:
-            _fail([f"sweep {rec.id} failed: {type(e).__name__}: {e}"])
+            first = (str(e).strip().splitlines() or [""])[-1]
+            _fail(
+                [
+                    f"sweep {rec.id} failed: {type(e).__name__}: {first} "
+                    f"(traceback in {rec.path / 'error.log'})"
+                ]
+            )
         finally:
             driver.LISTENERS.remove(show)
         live.update(trials_table(state, title=_summary(state)))

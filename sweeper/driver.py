@@ -8,6 +8,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,14 @@ class StateWriter(tune.Callback):
 
     def _row(self, trial: Trial, status: str, result: dict | None = None) -> dict[str, Any]:
         params = {k: v for k, v in trial.config.items() if k in self.spec.search.space}
+        cfg = self.spec.trainer_config(trial.config, repeat=trial.config.get(TRIAL_INDEX, 0))
         row: dict[str, Any] = {
             "id": trial.trial_id,
             "status": status,
             "params": params,
-            "seed": self.spec.base_config().seed + trial.config.get(TRIAL_INDEX, 0),
+            "seed": cfg.seed,
+            "reg_constant": cfg.reg_constant,
+            "token_expansion": cfg.token_expansion,
             "mlflow_run_id": self.mlflow_logger.run_ids.get(trial.trial_id),
         }
         if result:
@@ -213,6 +217,7 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
             tuner = _new_tuner(spec, rec, trainable, parent.run_id)
         tuner.fit()
     except BaseException as e:
+        (rec.path / "error.log").write_text(traceback.format_exc())
         parent.end("FAILED")
         rec.update(status="failed", error=f"{type(e).__name__}: {e}", pid=None)
         raise

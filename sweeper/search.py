@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
 from typing import Any
 
 import optuna
@@ -83,22 +80,18 @@ class Baselines(Searcher):
         if trial_id not in self.served:
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+    # Tune's SearchGenerator saves wrappers (objects with `.searcher`) by get_state and the
+    # innermost searcher by save(), as Ray's own Repeater does.
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def save(self, checkpoint_path: str) -> None:
-        inner = checkpoint_path + ".inner"
-        self.searcher.save(inner)
-        with open(inner, "rb") as f:
-            blob = f.read()
-        os.remove(inner)
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"points": self.points, "served": self.served, "inner": blob}, f)
+        self.searcher.save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        self.points, self.served = state["points"], state["served"]
-        with tempfile.NamedTemporaryFile(delete=False) as tmp:
-            tmp.write(state["inner"])
-        try:
-            self.searcher.restore(tmp.name)
-        finally:
-            os.remove(tmp.name)
+        self.searcher.restore(checkpoint_path)
