@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -272,10 +273,24 @@ def submit(
 def resume(sweep_id: Annotated[str, typer.Argument(help="Sweep id (see `sweeper list`).")]) -> None:
     """Continue an interrupted sweep; finished trials are not run again."""
     rec = _open_or_fail(sweep_id)
-    status = rec.read()["status"]
-    if status not in ("interrupted", "failed", "running"):
-        _fail([f"sweep {sweep_id} is {status}: only an interrupted or failed sweep resumes"])
+    state = rec.read()
+    if state["status"] == "running" and _alive(state.get("pid")):
+        _fail([f"sweep {sweep_id} is running (driver pid {state['pid']}): nothing to resume"])
+    if state["status"] not in ("interrupted", "failed", "running"):
+        _fail([f"sweep {sweep_id} is {state['status']}: only interrupted or failed sweeps resume"])
     _drive(rec, resume=True)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @app.command()

@@ -23,7 +23,8 @@ from sweeper.search import make_searcher
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
 from sweeper.tracking import MlflowTrialLogger, SweepParentRun
-from trainer.loop import VAL_METRICS
+from trainer.config import TrainerConfig
+from trainer.loop import VAL_METRICS, question_slug
 
 TRIAL_INDEX = "__trial_index__"  # set by Ray Tune's Repeater: which seed of a configuration
 
@@ -42,12 +43,21 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """
     import torch
 
+    cfg = trial_config(spec, config)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    with tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
+        _run_trial(cfg, Path(tmp))
+
+
+def trial_config(spec: SweepSpec, config: dict[str, Any]) -> TrainerConfig:
+    """The exact trainer config a trial runs (and MLflow records): checkpoints at evals."""
+    cfg = spec.trainer_config(config, repeat=config.get(TRIAL_INDEX, 0))
+    return cfg.model_copy(update={"checkpoint_every": cfg.eval_every})
+
+
+def _run_trial(cfg: TrainerConfig, work: Path) -> None:
     from trainer import train
 
-    cfg = spec.trainer_config(config, repeat=config.get(TRIAL_INDEX, 0))
-    cfg = cfg.model_copy(update={"checkpoint_every": cfg.eval_every})
-    torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    work = Path(tempfile.mkdtemp(prefix="sweeper-trial-"))
     restored = tune.get_checkpoint()
     if restored is not None:
         restored.to_directory(str(work / "checkpoint"))
@@ -93,13 +103,26 @@ def prepare_sources(spec: SweepSpec) -> None:
             found.update(str(c) for c in param.extremes())
     for m in models:
         resolve_model(m)
+    metric = spec.objective.metric
     for d in datasets:
-        load_dataset(d)
+        data = load_dataset(d)
+        questions = data.questions()
+        slugs = {question_slug(q) for q in questions}
+        if metric == "val/accuracy_choice" and not all(q in data.choices for q in questions):
+            raise ValueError(
+                f"objective.metric: dataset {d!r} lists no answer choices for every question, "
+                "so val/accuracy_choice is never reported"
+            )
+        if metric.startswith("val/accuracy_by_question/") and metric.split("/")[-1] not in slugs:
+            raise ValueError(
+                f"objective.metric: dataset {d!r} has no such question; it has "
+                + ", ".join(sorted(f"val/accuracy_by_question/{x}" for x in slugs))
+            )
 
 
 def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
     """Ended at its max_steps; otherwise an end without error was an early stop (ASHA, time)."""
-    max_steps = spec.trainer_config(trial.config).max_steps
+    max_steps = trial_config(spec, trial.config).max_steps
     return (trial.last_result or {}).get("step") == max_steps
 
 
@@ -118,7 +141,7 @@ class StateWriter(tune.Callback):
 
     def _row(self, trial: Trial, status: str, result: dict | None = None) -> dict[str, Any]:
         params = {k: v for k, v in trial.config.items() if k in self.spec.search.space}
-        cfg = self.spec.trainer_config(trial.config, repeat=trial.config.get(TRIAL_INDEX, 0))
+        cfg = trial_config(self.spec, trial.config)
         row: dict[str, Any] = {
             "id": trial.trial_id,
             "status": status,
@@ -130,6 +153,7 @@ class StateWriter(tune.Callback):
         }
         if result:
             row["step"] = result.get("step")
+            row["pid"] = result.get("pid")  # the worker process: trials reuse it
             last_train = result["history"][-1][1] if result.get("history") else {}
             val = {k: v for k, v in result.items() if k in VAL_METRICS}
             row["metrics"] = last_train | val
@@ -168,6 +192,15 @@ class StateWriter(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._put(trial, "failed", trial.last_result)
 
+    def on_experiment_end(self, trials, **info):
+        # A time budget ends trials without on_trial_complete: settle them here.
+        rows = self._rows()[1]["trials"]
+        for trial in trials:
+            row = rows.get(trial.trial_id, {})
+            if trial.status == Trial.TERMINATED and row.get("status") in ("running", None):
+                done = ran_to_the_end(self.spec, trial)
+                self._put(trial, "finished" if done else "stopped", trial.last_result)
+
 
 def best_configuration(spec: SweepSpec, trials: dict[str, dict]) -> dict[str, Any] | None:
     """The configuration whose seeds' mean objective is best (over finished/stopped trials)."""
@@ -202,9 +235,10 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # num_to_keep=1 snapshots the experiment at each checkpoint; that is the point here.
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    rec.update(status="running", pid=os.getpid())
-    parent = SweepParentRun.open(spec, rec)
+    parent = None
     try:
+        rec.update(status="running", pid=os.getpid())
+        parent = SweepParentRun.open(spec, rec)
         prepare_sources(spec)
         init_ray()
         trainable = tune.with_resources(
@@ -216,15 +250,25 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
         else:
             tuner = _new_tuner(spec, rec, trainable, parent.run_id)
         tuner.fit()
+        return _finish(spec, rec, parent)
+    except KeyboardInterrupt:  # before Tune took over the signal: nothing ran, nothing lost
+        if parent is not None:
+            parent.end("KILLED")
+        rec.update(status="interrupted", pid=None)
+        raise
     except BaseException as e:
         (rec.path / "error.log").write_text(traceback.format_exc())
-        parent.end("FAILED")
+        if parent is not None:
+            parent.end("FAILED")
         rec.update(status="failed", error=f"{type(e).__name__}: {e}", pid=None)
         raise
 
+
+def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[str, Any]:
+    """Classify the ended sweep, log the best configuration, close the parent run."""
     state = rec.read()
     rows = state["trials"]
-    unfinished = [r for r in rows.values() if r["status"] in ("running", "retrying")]
+    unfinished = [r for r in rows.values() if r["status"] in ("running", "retrying", "paused")]
     total = (spec.budget.trials or 0) * spec.repeats
     ended = [r for r in rows.values() if r["status"] in ("finished", "stopped", "failed")]
     interrupted = bool(unfinished) or (
@@ -233,20 +277,25 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     best = best_configuration(spec, rows)
     if interrupted:
         parent.end("KILLED")
-        status = "interrupted"
         for row in unfinished:
             row["status"] = "paused"  # resume continues it from its last checkpoint
-        rec.update(trials=rows)
-    else:
-        parent.log_best(best)
-        status = "succeeded" if best else "failed"
-        parent.end("FINISHED" if best else "FAILED")
-    return rec.update(status=status, best=best, pid=None)
+        return rec.update(status="interrupted", trials=rows, best=best, pid=None)
+    parent.log_best(best)
+    parent.end("FINISHED" if best else "FAILED")
+    return rec.update(status="succeeded" if best else "failed", best=best, pid=None)
 
 
 def _searcher_exhausted(spec: SweepSpec, rows: dict) -> bool:
     # A grid with fewer points than the budget ends early; that is not an interruption.
-    return spec.search.sampler == "grid" and len(rows) >= spec.search.grid_size() * spec.repeats
+    return spec.search.sampler == "grid" and len(rows) >= (spec.budget.trials or 0) * spec.repeats
+
+
+def _longest(spec: SweepSpec) -> int:
+    """ASHA's max_t: the most steps any trial can run (max_steps may be searched)."""
+    steps = [spec.base_config().max_steps]
+    if "max_steps" in spec.search.space:
+        steps += [int(v) for v in spec.search.space["max_steps"].extremes()]
+    return max(steps)
 
 
 def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent_run_id: str) -> tune.Tuner:
@@ -254,7 +303,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent_run_id: str)
     if spec.early_stopping is not None:
         scheduler = ASHAScheduler(
             time_attr="step",
-            max_t=spec.base_config().max_steps,
+            max_t=_longest(spec),
             grace_period=spec.early_stopping.grace_period,
             reduction_factor=spec.early_stopping.reduction_factor,
         )

@@ -35,7 +35,7 @@ def make_searcher(spec: SweepSpec) -> Searcher:
     space = {k: p.distribution() for k, p in spec.search.space.items()}
     # With its own space, OptunaSearch is never handed TuneConfig's metric: give it here too.
     warm = [dict(p) for p in spec.search.points if spec.search.in_space(p)]
-    baselines = [dict(p) for p in spec.search.points if not spec.search.in_space(p)]
+    baselines = spec.baseline_points()
     searcher: Searcher = OptunaSearch(
         space=space,
         metric=spec.objective.metric,

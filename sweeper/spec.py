@@ -79,7 +79,7 @@ class Search(BaseModel):
     model_config = _STRICT
     sampler: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc"] = "tpe"
     seed: int = 0
-    space: dict[str, Param] = Field(default_factory=dict)
+    space: dict[str, Param]
     points: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Configurations tried first. Inside the space they warm-start the "
@@ -100,6 +100,8 @@ class Search(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Search:
+        if not self.space:
+            raise ValueError("space: name at least one trainer field to search")
         for name, p in self.space.items():
             try:
                 p.distribution()  # Optuna's own checks, in Optuna's words
@@ -116,6 +118,11 @@ class Search(BaseModel):
             for name in point:
                 if name not in self.space:
                     raise ValueError(f"points.{i}.{name}: not a key of search.space")
+            missing = [name for name in self.space if name not in point]
+            if missing:
+                raise ValueError(
+                    f"points.{i}.{missing[0]}: missing (a point gives every key of search.space)"
+                )
         return self
 
     def grid_size(self) -> int:
@@ -198,6 +205,11 @@ class SweepSpec(BaseModel):
         for name, param in self.search.space.items():
             if name not in fields:
                 raise ValueError(f"search.space.{name}: not a trainer field")
+            if isinstance(param, FloatParam) and _is_int_field(name):
+                raise ValueError(
+                    f"search.space.{name}: the trainer field is an integer: use `type: int` "
+                    "or `type: categorical`"
+                )
             for value in param.extremes():
                 try:
                     TrainerConfig.model_validate(self.trainer | {name: value})
@@ -214,11 +226,23 @@ class SweepSpec(BaseModel):
                 raise ValueError(f"search.points.{i}.{where}: {err['msg']}") from None
         if self.experiment is None:
             self.experiment = self.name
-        if self.budget.trials is None:
-            if self.search.sampler != "grid":
-                raise ValueError("budget.trials may be null only with the grid sampler")
-            self.budget.trials = self.search.grid_size()
+        if self.search.sampler == "grid":
+            # Baseline points (outside the grid) are trials of their own.
+            size = self.search.grid_size() + len(self.baseline_points())
+            if self.budget.trials is None:
+                self.budget.trials = size
+            elif self.budget.trials > size:
+                raise ValueError(
+                    f"budget.trials: {self.budget.trials} is more than the grid's {size} "
+                    "points (baselines included); use null to run each once"
+                )
+        elif self.budget.trials is None:
+            raise ValueError("budget.trials: may be null only with the grid sampler")
         return self
+
+    def baseline_points(self) -> list[dict[str, Any]]:
+        """Points outside the space: run as trials, never told to the sampler."""
+        return [p for p in self.search.points if not self.search.in_space(p)]
 
     def base_config(self) -> TrainerConfig:
         return TrainerConfig.model_validate(self.trainer)
@@ -228,6 +252,11 @@ class SweepSpec(BaseModel):
         fields = self.trainer | {k: v for k, v in params.items() if k in self.search.space}
         cfg = TrainerConfig.model_validate(fields)
         return cfg.model_copy(update={"seed": cfg.seed + repeat})
+
+
+def _is_int_field(name: str) -> bool:
+    annotation = TrainerConfig.model_fields[name].annotation
+    return annotation is int or annotation == (int | None)
 
 
 def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
@@ -242,7 +271,7 @@ def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
             msg = "unknown field"
         # Our model validators lead their message with the path below the model's own.
         head, sep, rest = msg.partition(": ")
-        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_/-]+)+", head):
+        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_/-]+)*", head):
             loc, msg = [*loc, head], rest
         path = ".".join(loc)
         lines.append(f"{source}{path}: {msg}" if path else f"{source}{msg}")

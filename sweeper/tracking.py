@@ -155,10 +155,11 @@ class MlflowTrialLogger(tune.Callback):
     def _runtime(self) -> None:
         self._client: MlflowClient | None = None
         self._buf: dict[str, list[Metric]] = {}
+        self._ended: set[str] = set()
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state
         state = self.__dict__.copy()
-        for k in ("_client", "_buf"):
+        for k in ("_client", "_buf", "_ended"):
             state.pop(k, None)
         return state
 
@@ -179,7 +180,7 @@ class MlflowTrialLogger(tune.Callback):
         return self._client
 
     def _open(self, trial) -> str:
-        from sweeper.driver import TRIAL_INDEX
+        from sweeper.driver import trial_config
 
         exp_id = self.client.get_run(self.parent_run_id).info.experiment_id
         if trial.trial_id not in self.run_ids:  # restored from an older snapshot: ask MLflow
@@ -191,15 +192,14 @@ class MlflowTrialLogger(tune.Callback):
             if found:
                 self.run_ids[trial.trial_id] = found[0].info.run_id
         if trial.trial_id in self.run_ids:  # a restored or retried trial keeps its run
+            self._ended.discard(trial.trial_id)
             self.client.update_run(self.run_ids[trial.trial_id], status="RUNNING")
             return self.run_ids[trial.trial_id]
-        repeat = trial.config.get(TRIAL_INDEX, 0)
-        cfg = self.spec.trainer_config(trial.config, repeat=repeat)
+        cfg = trial_config(self.spec, trial.config)
         shown = " ".join(
-            f"{k}={trial.config[k]:.4g}"
-            if isinstance(trial.config[k], float)
-            else f"{k}={trial.config[k]}"
-            for k in self.spec.search.space
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in trial.config.items()
+            if k in self.spec.search.space
         )
         run = self.client.create_run(
             exp_id,
@@ -225,6 +225,7 @@ class MlflowTrialLogger(tune.Callback):
             return
         self._flush(trial.trial_id)
         self.client.set_terminated(self.run_ids[trial.trial_id], status=status)
+        self._ended.add(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._open(trial)
@@ -259,8 +260,16 @@ class MlflowTrialLogger(tune.Callback):
         self._end(trial, "FAILED")
 
     def on_experiment_end(self, trials, **info):
+        from ray.tune.experiment import Trial
+
+        from sweeper.driver import ran_to_the_end
+
         for trial_id in list(self._buf):
             self._flush(trial_id)
+        # A time budget ends trials without on_trial_complete: close their runs here.
+        for trial in trials:
+            if trial.status == Trial.TERMINATED and trial.trial_id not in self._ended:
+                self._end(trial, "FINISHED" if ran_to_the_end(self.spec, trial) else "KILLED")
 
 
 def _error_text(trial) -> str:

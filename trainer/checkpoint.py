@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from trainer.config import TrainerConfig
 
 WEIGHTS = "weights.safetensors"
-# Fields that must match for a checkpoint to be resumed: they fix the shapes or the data.
-_SHAPE_FIELDS = ("model", "dataset", "token_expansion", "projector_hidden", "recon_head")
+# Fields that may change when a run resumes: they decide how it runs, not what it learns.
+_RUNTIME_FIELDS = {"device", "precision", "eval_every", "eval_examples", "checkpoint_every"}
 
 
 def save_checkpoint(directory: Path, step: int, projector, head, opt, sched, cfg: TrainerConfig):
@@ -43,14 +43,17 @@ def load_checkpoint(directory: Path, projector, head, opt, sched, cfg: TrainerCo
     """Restore into the given objects; returns the checkpoint's step, or None if there is none."""
     path = directory / "checkpoint"
     if not (path / "state.json").is_file():
-        return None
+        path = directory / ".checkpoint.old"  # a crash between the two renames of a save
+        if not (path / "state.json").is_file():
+            return None
     state = json.loads((path / "state.json").read_text())
-    saved = state["config"]
-    for f in _SHAPE_FIELDS:
-        if saved.get(f) != getattr(cfg, f):
+    saved = TrainerConfig.model_validate(state["config"]).model_dump()
+    for f, value in cfg.model_dump().items():
+        if f not in _RUNTIME_FIELDS and saved.get(f) != value:
             raise ValueError(
                 f"checkpoint in {directory} was made with {f}={saved.get(f)!r}, "
-                f"but this run has {f}={getattr(cfg, f)!r}"
+                f"but this run has {f}={value!r}: start afresh elsewhere (sweeper train "
+                "--fresh or --output)"
             )
     tensors = load_file(path / WEIGHTS)
     projector.load_state_dict(_strip(tensors, "projector."))

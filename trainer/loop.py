@@ -136,7 +136,8 @@ class QuestionGroups:
         return self.batch(g, rows, emb)[0]
 
 
-def _slug(text: str) -> str:
+def question_slug(text: str) -> str:
+    """A question as a metric-name suffix: ``val/accuracy_by_question/<slug>``."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
 
 
@@ -193,7 +194,7 @@ def train(
     def evaluate() -> dict[str, float]:
         projector.eval(), head.eval()
         nll = n_tok = reg = 0.0
-        hits, choice_hits, n = [], 0, 0
+        hits, choice_hits, choice_n, n = [], 0, 0, 0
         per_q: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), autocast():
             for g, (q, images, *_rest) in enumerate(val_groups.groups):
@@ -209,19 +210,22 @@ def train(
                     hit = exact_match(logits, b)
                     hits.append(hit)
                     per_q.setdefault(q, []).append(hit)
-                    choice_hits += _choice_hits(logits, b, data.choices.get(q), prompts)
+                    got, counted = _choice_hits(logits, b, data.choices.get(q), prompts)
+                    choice_hits, choice_n = choice_hits + got, choice_n + counted
                     n += len(rows)
         projector.train(), head.train()
         acc = torch.cat(hits).float().mean().item()
         out = {"val/accuracy": acc, "val/loss_lm": nll / n_tok, "val/loss_reg": reg / n}
-        if all(q in data.choices for q in per_q):
-            out["val/accuracy_choice"] = choice_hits / n
+        if choice_n:
+            out["val/accuracy_choice"] = choice_hits / choice_n
         for q, h in per_q.items():
-            out[f"val/accuracy_by_question/{_slug(q)}"] = torch.cat(h).float().mean().item()
+            out[f"val/accuracy_by_question/{question_slug(q)}"] = torch.cat(h).float().mean().item()
         return out
 
     history: list[tuple[int, dict[str, float]]] = []
     metrics: dict[str, float] = {}
+    if start >= cfg.max_steps:  # resumed a finished run: nothing to train, say where it is
+        metrics = evaluate()
     lam = cfg.reg_constant
     for step in range(start + 1, cfg.max_steps + 1):
         batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb)
@@ -279,15 +283,19 @@ def _norm(grads) -> float:
     return torch.stack(gs).norm().item() if gs else 0.0
 
 
-def _choice_hits(logits: torch.Tensor, b: Batch, choices, prompts: PromptCache) -> int:
-    """Choice by likelihood: the candidate whose first answer token scores highest."""
+def _choice_hits(logits: torch.Tensor, b: Batch, choices, prompts: PromptCache) -> tuple[int, int]:
+    """Choice by likelihood: the candidate whose first answer token scores highest.
+
+    Returns (hits, examples scored); questions without choices, or whose candidates share
+    a first token (this cheap scorer can't tell them apart), are not scored.
+    """
     if not choices:
-        return 0
+        return 0, 0
     firsts = [prompts.answer_ids(c)[0] for c in choices]
     if len(set(firsts)) != len(firsts):
-        return 0  # candidates share a first token; this cheap scorer can't tell them apart
+        return 0, 0
     pick = logits[:, 0, firsts].argmax(-1).tolist()
-    return sum(choices[p] == a for p, a in zip(pick, b.answers, strict=True))
+    return sum(choices[p] == a for p, a in zip(pick, b.answers, strict=True)), len(pick)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig):

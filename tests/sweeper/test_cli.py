@@ -1,8 +1,10 @@
 """`sweeper train` as a user runs it: a real subprocess, a real MLflow store."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,12 +68,29 @@ def test_train_logs_a_finished_run_to_mlflow(tmp_path, config):
     assert "checkpoint/weights.safetensors" in arts
 
 
-def test_train_resumes_from_its_checkpoint(tmp_path, config):
-    cfg = config()
-    assert run(["train", str(cfg), "--set", "max_steps=6"], tmp_path).returncode == 0
-    proc = run(["train", str(cfg)], tmp_path)
+def test_interrupted_train_resumes_from_its_checkpoint(tmp_path, config):
+    cfg = config("max_steps: 800\neval_every: 400\ncheckpoint_every: 20\n")
+    proc = subprocess.Popen(
+        [*SWEEPER, "train", str(cfg)],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 130, errs
+    assert "run the same command to resume" in errs and "Traceback" not in errs
+    proc = run(["train", str(cfg)], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming from the checkpoint" in proc.stdout and "step 12" in proc.stdout
+    assert "resuming from the checkpoint" in proc.stdout and "step 800" in proc.stdout
+    changed = run(["train", str(cfg), "--set", "reg_constant=0.5"], tmp_path)
+    assert changed.returncode == 1
+    assert "start afresh elsewhere (sweeper train --fresh or --output)" in changed.stderr
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,56 @@ def test_baseline_outside_a_log_range_runs_first_and_optuna_never_sees_it(tiny_s
 
 
 def test_points_must_be_valid_trainer_values(tiny_spec):
-    errors = _errors(tiny_spec(search={"points": [{"reg_constant": -1.0}]}))
+    errors = _errors(tiny_spec(search={"points": [{"reg_constant": -1.0, "token_expansion": 1}]}))
     assert errors[0].startswith("search.points.0.reg_constant: Input should be greater")
     errors = _errors(tiny_spec(search={"points": [{"lr": 0.1}]}))
     assert errors[0].startswith("search.points.0.lr: not a key of search.space")
+
+
+@pytest.mark.parametrize(
+    ("search", "budget", "line"),
+    [
+        ({"space": {}}, None, f"{SPACE}: name at least one trainer field to search"),
+        (
+            {"points": [{"reg_constant": 0.1}]},
+            None,
+            "search.points.0.token_expansion: missing (a point gives every key",
+        ),
+        (
+            {"space": {"token_expansion": {"type": "float", "low": 1, "high": 8}}},
+            None,
+            f"{SPACE}.token_expansion: the trainer field is an integer",
+        ),
+        (
+            {
+                "sampler": "grid",
+                "space": {"token_expansion": {"type": "categorical", "choices": [1, 2]}},
+            },
+            {"trials": 3},
+            "budget.trials: 3 is more than the grid's 2 points",
+        ),
+    ],
+)
+def test_specs_that_would_break_the_driver_are_refused(tiny_spec, search, budget, line):
+    spec = tiny_spec(search=search, **({"budget": budget} if budget else {}))
+    if search.get("space") == {}:
+        spec["search"]["space"] = {}
+    errors = _errors(spec)
+    assert errors[0].startswith(line), errors
+
+
+def test_grid_with_a_baseline_runs_the_whole_grid_and_the_baseline(tiny_spec):
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            search={
+                "sampler": "grid",
+                "space": {"reg_constant": {"type": "categorical", "choices": [0.1, 1.0]}},
+                "points": [{"reg_constant": 0.0}],
+            },
+            budget={"trials": None},
+        )
+    )
+    assert spec.budget.trials == 3
+    searcher = make_searcher(spec)
+    got = [searcher.suggest(f"t{i}")["reg_constant"] for i in range(3)]
+    assert got[0] == 0.0 and sorted(got[1:]) == [0.1, 1.0]

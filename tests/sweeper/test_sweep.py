@@ -58,6 +58,9 @@ def test_sweep_logs_a_parent_and_a_finished_child_per_trial(sweep_env, tiny_spec
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best["value"])
     assert parent.data.params["best.token_expansion"] == str(best["params"]["token_expansion"])
     accs = [t["metrics"]["val/accuracy"] for t in state["trials"].values()]
+    # Two trial processes for four trials: workers are reused, and with them the model
+    # and data they loaded (prepared once, in the driver).
+    assert len({t["pid"] for t in state["trials"].values()}) <= 2
     assert best["value"] == pytest.approx(max(accs))
 
     out = CliRunner().invoke(app, ["status", rec.id]).output
@@ -187,3 +190,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
         if r.data.tags["trial_id"] in done_before:
             assert steps == list(range(1, 601))  # logged once: never run again
         assert set(steps) == set(range(1, 601))
+
+
+def test_time_budget_ends_the_sweep_and_closes_every_run(sweep_env, tiny_spec):
+    spec = tiny_spec(
+        trainer={"max_steps": 5000, "eval_every": 50},
+        budget={"trials": 4, "max_concurrent": 2, "time_budget_s": 8},
+    )
+    state, _ = _sweep(spec)
+    assert state["status"] == "succeeded"
+    assert {t["status"] for t in state["trials"].values()} <= {"stopped", "finished"}
+    _, runs = _children(sweep_env, state)
+    assert runs and "RUNNING" not in {r.info.status for r in runs}
+    assert "KILLED" in {r.info.status for r in runs}

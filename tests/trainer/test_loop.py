@@ -126,3 +126,21 @@ def test_bf16_autocast_path_runs_on_cpu(tiny_cfg):
     """The CUDA precision path (bf16 autocast) is exercised here on the CPU."""
     r = train(tiny_cfg(max_steps=3, eval_every=3, precision="bf16"))
     assert math.isfinite(r.metrics["train/loss_lm"])
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run_still_reports(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(max_steps=4, eval_every=2)
+    first = train(cfg, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"reg_constant=0\.1, but this run has reg_constant=0\.5"):
+        train(tiny_cfg(max_steps=4, eval_every=2, reg_constant=0.5), checkpoint_dir=tmp_path)
+    again = train(cfg, checkpoint_dir=tmp_path)  # nothing left to train: evaluates
+    assert again.step == 4 and again.history == []
+    assert again.metrics["val/accuracy"] == first.metrics["val/accuracy"]
+
+
+def test_a_save_cut_between_its_two_renames_still_resumes(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(max_steps=6, eval_every=3, checkpoint_every=3)
+    train(cfg.model_copy(update={"max_steps": 6}), checkpoint_dir=tmp_path)
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")
+    resumed = train(cfg.model_copy(update={"max_steps": 6}), checkpoint_dir=tmp_path)
+    assert resumed.step == 6 and resumed.history == []
