@@ -1,15 +1,19 @@
 """Orchestration overhead and parallel efficiency of a sweep.
 
-Three ways to run the same N trials (same spec, sampler and seed, same per-trial
-resources: one CPU thread each):
+Four ways to run the same N trials (same spec, random sampler and seed, so the same
+configurations; same per-trial resources: one CPU thread each):
 
 * ``plain``: plain Optuna in this process, trials back to back (``study.ask``,
   ``trainer.train``, ``study.tell``), the model loaded once;
+* ``plain x2``: the same configurations in two plain worker processes at once (no Ray, no
+  MLflow): what this machine itself gives two concurrent trials;
 * ``sweep x1``: ``run_sweep`` with ``max_concurrent: 1`` (Ray Tune trials, MLflow parent
   and child runs, checkpoints, state file);
 * ``sweep x2``: the same with ``max_concurrent: 2`` on 2 cores.
 
-Overhead per trial = (sweep x1 - plain) / N. Parallel efficiency = plain / (2 * sweep x2).
+Overhead per trial = (sweep x1 - plain) / N. Parallel efficiency = plain / (2 * sweep x2)
+(the headline). Beside it, the machine's own ceiling plain / (2 * plain x2), and the share
+of that ceiling the sweep keeps, plain x2 / sweep x2.
 Ray starts once before any timing. Each mode runs ``--repeats`` times; medians are reported.
 
     python bench/sweep_overhead.py                     # smollm2-135m + digits, ~30 s trials
@@ -77,6 +81,29 @@ def plain(spec: SweepSpec) -> float:
     return time.perf_counter() - t0
 
 
+def _one(args: tuple[dict, dict]) -> float:
+    spec_dict, params = args
+    torch.set_num_threads(1)
+    spec = SweepSpec.model_validate(spec_dict)
+    return train(spec.trainer_config(params)).metrics[spec.objective.metric]
+
+
+def plain_parallel(spec: SweepSpec) -> float:
+    """The same configurations in two plain processes at once (the random sampler's
+    proposals do not depend on results, so they can be drawn up front)."""
+    import multiprocessing as mp
+
+    dists = {k: p.distribution() for k, p in spec.search.space.items()}
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
+    configs = [study.ask(dists).params for _ in range(spec.budget.trials or 1)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pool.map(_one, [(spec.model_dump(), {}) for _ in range(2)])  # load model and data
+        t0 = time.perf_counter()
+        list(pool.imap_unordered(_one, [(spec.model_dump(), c) for c in configs]))
+        return time.perf_counter() - t0
+
+
 def sweep(spec: SweepSpec) -> float:
     rec = SweepRecord.create(spec)
     t0 = time.perf_counter()
@@ -102,9 +129,10 @@ def main() -> None:
     prepare_sources(make_spec(args, 1))
     init_ray()
 
-    times: dict[str, list[float]] = {"plain": [], "sweep x1": [], "sweep x2": []}
+    times: dict[str, list[float]] = {"plain": [], "plain x2": [], "sweep x1": [], "sweep x2": []}
     for r in range(args.repeats):
         times["plain"].append(plain(make_spec(args, 1)))
+        times["plain x2"].append(plain_parallel(make_spec(args, 2)))
         times["sweep x1"].append(sweep(make_spec(args, 1)))
         times["sweep x2"].append(sweep(make_spec(args, 2)))
         print(
@@ -124,6 +152,8 @@ def main() -> None:
         print(f"{k:9s}: {v:7.1f} s  ({v / n:.1f} s per trial)")
     print(f"mean trial length (plain): {med['plain'] / n:.1f} s")
     print(f"overhead per trial: {(med['sweep x1'] - med['plain']) / n:.2f} s")
+    print(f"machine ceiling, plain / (2 * plain x2): {med['plain'] / (2 * med['plain x2']):.2f}")
+    print(f"share of the ceiling the sweep keeps: {med['plain x2'] / med['sweep x2']:.2f}")
     print(f"parallel_efficiency: {med['plain'] / (2 * med['sweep x2']):.2f}")
 
 
