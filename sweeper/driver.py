@@ -235,6 +235,8 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # num_to_keep=1 snapshots the experiment at each checkpoint; that is the point here.
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    # The CLI draws its own trial table: Tune's reporter (its config box) stays quiet.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     parent = None
     try:
         rec.update(status="running", pid=os.getpid())

@@ -178,7 +178,7 @@ class SweepSpec(BaseModel):
     name: str = Field(max_length=64, description="Lower-case letters, digits and '-'.")
     experiment: str | None = Field(None, description="MLflow experiment; default: name.")
     trainer: dict[str, Any] = Field(default_factory=dict)
-    search: Search = Field(default_factory=Search)
+    search: Search
     objective: Objective = Field(default_factory=Objective)
     budget: Budget = Field(default_factory=Budget)
     repeats: int = Field(1, ge=1, description="Seeds per configuration; objective = their mean.")
