@@ -38,8 +38,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 
     Each report carries the evaluation's metrics (what ASHA and Optuna judge) and
     ``history``, the per-step train metrics since the last report, which the driver's
-    MLflow logger writes as curves. A checkpoint goes with every report but the last,
-    so a restored or retried trial continues from its last evaluation.
+    MLflow logger writes as curves. A checkpoint goes with every report, so a restored
+    or retried trial continues from its last evaluation; one restored at its end (the
+    driver was stopped as it finished) only reports its final evaluation again.
     """
     import torch
 
@@ -68,7 +69,7 @@ def _run_trial(cfg: TrainerConfig, work: Path) -> None:
         if not any(k.startswith("val/") for k in metrics):
             return
         ckpt = None
-        if step < cfg.max_steps:
+        if (work / "checkpoint").is_dir():
             ckpt = Checkpoint.from_directory(str(work / "checkpoint"))
         tune.report({"step": step, **metrics, "history": list(history)}, checkpoint=ckpt)
         history.clear()

@@ -150,6 +150,9 @@ class MlflowTrialLogger(tune.Callback):
         self.spec, self.parent_run_id, self.sweep_id = spec, parent_run_id, Path(sweep_dir).name
         self.tracking_uri = mlflow_uri()
         self.run_ids: dict[str, str] = {}
+        # Last step written per trial: a trial restored from an earlier checkpoint replays
+        # steps already in MLflow, and each step is logged once.
+        self.logged: dict[str, int] = {}
         self._runtime()
 
     def _runtime(self) -> None:
@@ -168,10 +171,11 @@ class MlflowTrialLogger(tune.Callback):
         self._runtime()
 
     def get_state(self) -> dict:  # saved with Tune's experiment state, back on restore
-        return {"run_ids": dict(self.run_ids)}
+        return {"run_ids": dict(self.run_ids), "logged": dict(self.logged)}
 
     def set_state(self, state: dict) -> None:
         self.run_ids.update(state.get("run_ids", {}))
+        self.logged.update(state.get("logged", {}))
 
     @property
     def client(self) -> MlflowClient:
@@ -234,14 +238,18 @@ class MlflowTrialLogger(tune.Callback):
         if trial.trial_id not in self.run_ids:
             self._open(trial)
         ts, step = int(time.time() * 1000), int(result.get("step", 0))
+        done = self.logged.get(trial.trial_id, 0)
         buf = self._buf.setdefault(trial.trial_id, [])
         for s, metrics in result.get("history", []):
-            buf.extend(Metric(k, float(v), ts, s) for k, v in metrics.items())
-        buf.extend(
-            Metric(k, float(v), ts, step)
-            for k, v in result.items()
-            if k.startswith("val/") and isinstance(v, int | float)
-        )
+            if s > done:
+                buf.extend(Metric(k, float(v), ts, s) for k, v in metrics.items())
+        if step > done:
+            buf.extend(
+                Metric(k, float(v), ts, step)
+                for k, v in result.items()
+                if k.startswith("val/") and isinstance(v, int | float)
+            )
+        self.logged[trial.trial_id] = max(done, step)
         self._flush(trial.trial_id)  # one log_batch per report: an eval's worth of steps
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -224,8 +224,10 @@ def train(
 
     history: list[tuple[int, dict[str, float]]] = []
     metrics: dict[str, float] = {}
-    if start >= cfg.max_steps:  # resumed a finished run: nothing to train, say where it is
+    if start >= cfg.max_steps:  # resumed a finished run: nothing to train, report where it is
         metrics = evaluate()
+        if report is not None:
+            report(start, metrics)
     lam = cfg.reg_constant
     for step in range(start + 1, cfg.max_steps + 1):
         batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb)
