@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -155,13 +156,12 @@ def trials_table(state: dict, title: str | None = None) -> Table:
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
     colours = {"finished": "green", "failed": "red", "stopped": "yellow", "running": "cyan"}
     for row in state.get("trials", {}).values():
-        m, p = row.get("metrics") or {}, row.get("params") or {}
-        st = row["status"]
+        m, st = row.get("metrics") or {}, row["status"]
         table.add_row(
             row["id"],
             f"[{colours.get(st, 'white')}]{st}[/]",
-            _fmt(row.get("reg_constant", p.get("reg_constant"))),
-            _fmt(row.get("token_expansion", p.get("token_expansion"))),
+            _fmt(row.get("reg_constant")),
+            _fmt(row.get("token_expansion")),
             _fmt(row.get("seed")),
             _fmt(row.get("step")),
             _fmt(m.get("train/loss_lm"), ".3f"),
@@ -172,9 +172,7 @@ def trials_table(state: dict, title: str | None = None) -> Table:
 
 
 def _summary(state: dict) -> str:
-    counts: dict[str, int] = {}
-    for row in state.get("trials", {}).values():
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = Counter(row["status"] for row in state.get("trials", {}).values())
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
     return f"sweep {state['id']}: {state['status']} ({parts})"
 

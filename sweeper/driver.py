@@ -251,7 +251,7 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
         if resume and tune.Tuner.can_restore(str(rec.tune_dir)):
             tuner = tune.Tuner.restore(str(rec.tune_dir), trainable, resume_unfinished=True)
         else:
-            tuner = _new_tuner(spec, rec, trainable, parent.run_id)
+            tuner = _new_tuner(spec, rec, trainable, parent)
         tuner.fit()
         return _finish(spec, rec, parent)
     except KeyboardInterrupt:  # before Tune took over the signal: nothing ran, nothing lost
@@ -301,7 +301,7 @@ def _longest(spec: SweepSpec) -> int:
     return max(steps)
 
 
-def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent_run_id: str) -> tune.Tuner:
+def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParentRun) -> tune.Tuner:
     scheduler = None
     if spec.early_stopping is not None:
         scheduler = ASHAScheduler(
@@ -310,7 +310,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent_run_id: str)
             grace_period=spec.early_stopping.grace_period,
             reduction_factor=spec.early_stopping.reduction_factor,
         )
-    logger = MlflowTrialLogger(spec, parent_run_id, str(rec.path))
+    logger = MlflowTrialLogger(spec, parent, str(rec.path))
     return tune.Tuner(
         trainable,
         tune_config=TuneConfig(

@@ -22,23 +22,11 @@ class MlflowRun:
     logging costs one round trip per few steps, not one per metric.
     """
 
-    def __init__(
-        self,
-        experiment: str,
-        run_name: str | None = None,
-        tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None,
-        flush_every: int = 10,
-    ):
+    def __init__(self, experiment: str, run_name: str | None = None, flush_every: int = 10):
         self.client = MlflowClient()
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        tags = dict(tags or {})
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        self.run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        self.experiment_id = _experiment_id(self.client, experiment)
+        self.run = self.client.create_run(self.experiment_id, run_name=run_name)
         self.run_id = self.run.info.run_id
-        self.experiment_id = exp_id
         self.flush_every = flush_every
         self._buf: list[Metric] = []
         self._steps = 0
@@ -120,9 +108,9 @@ class SweepParentRun:
 
     def end(self, status: str) -> None:
         """End the parent and any child still RUNNING (an interrupted trial) as KILLED."""
-        exp = self.client.get_run(self.run_id).info.experiment_id
         children = self.client.search_runs(
-            [exp], f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'",
         )
         for child in children:
             self.client.set_terminated(child.info.run_id, status="KILLED")
@@ -146,8 +134,9 @@ class MlflowTrialLogger(tune.Callback):
     the one place that can close each run FINISHED, KILLED or FAILED.
     """
 
-    def __init__(self, spec, parent_run_id: str, sweep_dir: str):
-        self.spec, self.parent_run_id, self.sweep_id = spec, parent_run_id, Path(sweep_dir).name
+    def __init__(self, spec, parent: SweepParentRun, sweep_dir: str):
+        self.spec, self.sweep_id = spec, Path(sweep_dir).name
+        self.parent_run_id, self.experiment_id = parent.run_id, parent.experiment_id
         self.tracking_uri = mlflow_uri()
         self.run_ids: dict[str, str] = {}
         # Last step written per trial: a trial restored from an earlier checkpoint replays
@@ -186,10 +175,9 @@ class MlflowTrialLogger(tune.Callback):
     def _open(self, trial) -> str:
         from sweeper.driver import trial_config
 
-        exp_id = self.client.get_run(self.parent_run_id).info.experiment_id
         if trial.trial_id not in self.run_ids:  # restored from an older snapshot: ask MLflow
             found = self.client.search_runs(
-                [exp_id],
+                [self.experiment_id],
                 f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
                 f"and tags.trial_id = '{trial.trial_id}'",
             )
@@ -206,7 +194,7 @@ class MlflowTrialLogger(tune.Callback):
             if k in self.spec.search.space
         )
         run = self.client.create_run(
-            exp_id,
+            self.experiment_id,
             run_name=f"{trial.trial_id} {shown} seed={cfg.seed}".strip(),
             tags={
                 "mlflow.parentRunId": self.parent_run_id,
