@@ -1,1 +1,1 @@
-"""The sweep service (FastAPI). Not built yet: see the open issue for the service."""
+"""The sweep service: FastAPI over a database of sweeps, one driver process per sweep."""

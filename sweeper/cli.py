@@ -186,8 +186,12 @@ def _print_outcome(state: dict) -> None:
             f"best: {best['metric']} = {best['value']:.4f} (mean of {best['seeds']} seed(s)) "
             f"at {params}"
         )
+    if state.get("error") and state["status"] in ("failed", "interrupted"):
+        console.print(f"[red]{state['error']}[/red]", highlight=False)
     ml = state.get("mlflow") or {}
-    if ml.get("parent_run_id"):
+    if ml.get("ui_url"):
+        console.print(f"MLflow: {ml['ui_url']}")
+    elif ml.get("parent_run_id"):
         console.print(
             f"MLflow: run `mlflow ui` in this folder, open "
             f"#/experiments/{ml['experiment_id']}/runs/{ml['parent_run_id']}"
@@ -248,16 +252,102 @@ def _open_or_fail(sweep_id: str):
         _fail([str(e.args[0])])
 
 
+# --- the service as a client -------------------------------------------------------------
+
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="SWEEPER_SERVER",
+        help="The sweep service's URL (`sweeper serve`); without it, sweeps run here.",
+        show_default=False,
+    ),
+]
+
+
+def _client(server: str):
+    from sweeper.client import SweeperClient
+
+    return SweeperClient(server)
+
+
+def _remote(call):
+    """Run a client call; a service error becomes the CLI's one-line error."""
+    from sweeper.client import ServiceError
+
+    try:
+        return call()
+    except ServiceError as e:
+        _fail(e.lines)
+
+
+def _remote_state(client, sweep_id: str) -> dict:
+    sweep = _remote(lambda: client.get(sweep_id))
+    trials = _remote(lambda: client.trials(sweep_id))
+    return sweep | {"trials": {t["id"]: t for t in trials}}
+
+
+def _watch(client, sweep_id: str) -> dict:
+    """Follow a sweep's events with the live trial table until it ends."""
+    from rich.live import Live
+
+    from sweeper.client import ServiceError
+
+    state = _remote_state(client, sweep_id)
+    try:
+        with Live(
+            trials_table(state, title=_summary(state)), console=console, refresh_per_second=2
+        ) as live:
+            for kind, data in client.events(sweep_id):
+                if kind == "sweep":
+                    state["status"] = data["status"]
+                    state["best"] = data.get("best")
+                elif kind.startswith("trial_"):
+                    state["trials"][data["id"]] = data
+                live.update(trials_table(state, title=_summary(state)))
+    except ServiceError as e:
+        _fail(e.lines)
+    except KeyboardInterrupt:
+        console.print(
+            f"\nstopped watching; sweep {sweep_id} goes on in the service "
+            f"(sweeper status {sweep_id} --server {client.url})"
+        )
+        raise typer.Exit(130) from None
+    return _remote_state(client, sweep_id)
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="Sweep spec, YAML or JSON.")],
+    server: Server = None,
+    watch: Annotated[
+        bool, typer.Option(help="With --server: follow the sweep live until it ends.")
+    ] = False,
 ) -> None:
-    """Run a sweep here (local Ray, MLflow's default store) with a live table of trials.
+    """Run a sweep here (local Ray, MLflow's default store) with a live table of trials,
+    or with --server queue it in the sweep service.
 
-    Ctrl-C pauses it; `sweeper resume ID` continues without re-running finished trials.
+    Ctrl-C pauses a local sweep; `sweeper resume ID` continues without re-running finished
+    trials.
     """
     from sweeper.store import SweepRecord
 
+    if server:
+        if not spec.is_file():
+            _fail([f"spec file not found: {spec}"])
+        ctype = "application/json" if spec.suffix == ".json" else "application/yaml"
+        client = _client(server)
+        sweep = _remote(lambda: client.submit(spec.read_text(), ctype))
+        console.print(f"sweep {sweep['id']}: {sweep['status']} on {client.url}")
+        if not watch:
+            console.print(f"follow it: sweeper status {sweep['id']} --server {client.url}")
+            return
+        state = _watch(client, sweep["id"])
+        console.print()
+        _print_outcome(state)
+        if state["status"] == "failed":
+            raise typer.Exit(1)
+        return
     parsed = _load_spec_or_fail(spec)
     rec = SweepRecord.create(parsed)
     console.print(
@@ -268,8 +358,15 @@ def submit(
 
 
 @app.command()
-def resume(sweep_id: Annotated[str, typer.Argument(help="Sweep id (see `sweeper list`).")]) -> None:
+def resume(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id (see `sweeper list`).")],
+    server: Server = None,
+) -> None:
     """Continue an interrupted sweep; finished trials are not run again."""
+    if server:
+        sweep = _remote(lambda: _client(server).resume(sweep_id))
+        console.print(f"sweep {sweep_id}: {sweep['status']} (resumes when a slot is free)")
+        return
     rec = _open_or_fail(sweep_id)
     state = rec.read()
     if state["status"] == "running" and _alive(state.get("pid")):
@@ -277,6 +374,30 @@ def resume(sweep_id: Annotated[str, typer.Argument(help="Sweep id (see `sweeper 
     if state["status"] not in ("interrupted", "failed", "running"):
         _fail([f"sweep {sweep_id} is {state['status']}: only interrupted or failed sweeps resume"])
     _drive(rec, resume=True)
+
+
+@app.command()
+def cancel(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id.")],
+    server: Server = None,
+) -> None:
+    """Cancel a sweep: its trials stop within seconds and their MLflow runs end KILLED."""
+    if server:
+        sweep = _remote(lambda: _client(server).cancel(sweep_id))
+        word = "cancelled" if sweep["status"] == "cancelled" else "cancelling"
+        console.print(f"sweep {sweep_id}: {word}")
+        return
+    rec = _open_or_fail(sweep_id)
+    state = rec.read()
+    if state["status"] == "running" and _alive(state.get("pid")):
+        rec.request_cancel()
+        console.print(f"sweep {sweep_id}: cancelling (its driver, pid {state['pid']}, stops it)")
+    elif state["status"] in ("queued", "interrupted", "running"):
+        rec.request_cancel()
+        rec.update(status="cancelled", pid=None)
+        console.print(f"sweep {sweep_id}: cancelled")
+    else:
+        _fail([f"sweep {sweep_id} is {state['status']}: nothing to cancel"])
 
 
 def _alive(pid: int | None) -> bool:
@@ -292,35 +413,85 @@ def _alive(pid: int | None) -> bool:
 
 
 @app.command()
-def status(sweep_id: Annotated[str, typer.Argument(help="Sweep id.")]) -> None:
+def status(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id.")],
+    server: Server = None,
+    watch: Annotated[bool, typer.Option(help="With --server: follow it until it ends.")] = False,
+) -> None:
     """A sweep's state, best trial and trial table."""
+    if server:
+        client = _client(server)
+        state = _watch(client, sweep_id) if watch else _remote_state(client, sweep_id)
+        if not watch:
+            console.print(trials_table(state, title=_summary(state)))
+        _print_outcome(state)
+        return
     state = _open_or_fail(sweep_id).read()
     console.print(trials_table(state, title=_summary(state)))
     _print_outcome(state)
 
 
 @app.command("list")
-def list_sweeps() -> None:
-    """The sweeps in this folder (SWEEPER_HOME, default ./sweeps)."""
+def list_sweeps(
+    server: Server = None,
+    state: Annotated[
+        str | None, typer.Option("--status", help="Only sweeps in this state.")
+    ] = None,
+) -> None:
+    """The sweeps in this folder (SWEEPER_HOME, default ./sweeps), or on --server."""
     import time
 
     from sweeper.store import SweepRecord, home
 
-    recs = SweepRecord.all()
-    if not recs:
-        console.print(f"no sweeps in {home()}")
-        return
     table = Table()
     for col in ("id", "status", "trials", "best", "created"):
         table.add_column(col)
-    for rec in recs:
-        s = rec.read()
+    if server:
+        page = _remote(lambda: _client(server).list(status=state, limit=500))
+        rows = [s | {"n": sum(s["trial_counts"].values())} for s in page["items"]][::-1]
+        if not rows:
+            console.print(f"no sweeps on {server}")
+            return
+    else:
+        recs = SweepRecord.all()
+        rows = [r.read() for r in recs]
+        rows = [s | {"n": len(s.get("trials", {}))} for s in rows]
+        if state:
+            rows = [s for s in rows if s["status"] == state]
+        if not rows:
+            console.print(f"no sweeps in {home()}")
+            return
+    for s in rows:
         best = s.get("best")
         table.add_row(
             s["id"],
             s["status"],
-            str(len(s.get("trials", {}))),
+            str(s["n"]),
             f"{best['metric']}={best['value']:.4f}" if best else "",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"])),
         )
     console.print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (SWEEPER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SWEEPER_PORT).")] = None,
+) -> None:
+    """Run the sweep service (REST API; each sweep gets its own driver process)."""
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    settings = Settings()
+    host, port = host or settings.host, port or settings.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    app_ = create_app(settings)
+    console.print(
+        f"sweep service on http://{host}:{port} (docs at /docs); database "
+        f"{settings.db_url()}; working files in {settings.home.resolve()}"
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="info")

@@ -9,7 +9,6 @@ import statistics
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,18 @@ from ray import tune
 from ray.tune import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.stopper import Stopper
 
 from sweeper.search import make_searcher
 from sweeper.spec import SweepSpec
-from sweeper.store import SweepRecord
+from sweeper.store import LISTENERS, SweepRecord
 from sweeper.tracking import MlflowTrialLogger, SweepParentRun
 from trainer.config import TrainerConfig
 from trainer.loop import VAL_METRICS, question_slug
 
 TRIAL_INDEX = "__trial_index__"  # set by Ray Tune's Repeater: which seed of a configuration
 
-# Listeners get the sweep's state dict after each trial event (the CLI's live table).
-# Module-level, not on the callback: Tune pickles callbacks with the experiment state.
-LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+__all__ = ["LISTENERS", "run_sweep"]
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
@@ -174,8 +172,6 @@ class StateWriter(tune.Callback):
         state["updated"] = time.time()
         rec.write(state)
         self._last_write = now
-        for listener in LISTENERS:
-            listener(state)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._put(trial, "running")
@@ -201,6 +197,28 @@ class StateWriter(tune.Callback):
             if trial.status == Trial.TERMINATED and row.get("status") in ("running", None):
                 done = ran_to_the_end(self.spec, trial)
                 self._put(trial, "finished" if done else "stopped", trial.last_result)
+
+
+class CancelStopper(Stopper):
+    """Stops every trial once the sweep's ``cancel`` file appears (checked once a second).
+
+    It holds only a path, so it pickles with the experiment state as Tune requires.
+    """
+
+    def __init__(self, cancel_file: str):
+        self.cancel_file = cancel_file
+        self._checked = 0.0
+        self._cancelled = False
+
+    def __call__(self, trial_id, result) -> bool:
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._checked >= 1.0:
+            self._checked = now
+            self._cancelled = os.path.exists(self.cancel_file)
+        return self._cancelled
 
 
 def best_configuration(spec: SweepSpec, trials: dict[str, dict]) -> dict[str, Any] | None:
@@ -271,6 +289,14 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
     """Classify the ended sweep, log the best configuration, close the parent run."""
     state = rec.read()
     rows = state["trials"]
+    if rec.cancel_file.exists():
+        best = best_configuration(spec, rows)
+        parent.log_best(best)
+        parent.end("KILLED")
+        for row in rows.values():
+            if row["status"] in ("running", "retrying", "paused"):
+                row["status"] = "stopped"
+        return rec.update(status="cancelled", trials=rows, best=best, pid=None)
     unfinished = [r for r in rows.values() if r["status"] in ("running", "retrying", "paused")]
     total = (spec.budget.trials or 0) * spec.repeats
     ended = [r for r in rows.values() if r["status"] in ("finished", "stopped", "failed")]
@@ -285,7 +311,12 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
         return rec.update(status="interrupted", trials=rows, best=best, pid=None)
     parent.log_best(best)
     parent.end("FINISHED" if best else "FAILED")
-    return rec.update(status="succeeded" if best else "failed", best=best, pid=None)
+    if best:
+        return rec.update(status="succeeded", best=best, pid=None)
+    why = f"no trial reported {spec.objective.metric}"
+    if spec.budget.time_budget_s:
+        why += f" within the time budget of {spec.budget.time_budget_s:g} s"
+    return rec.update(status="failed", best=None, error=why, pid=None)
 
 
 def _searcher_exhausted(spec: SweepSpec, rows: dict) -> bool:
@@ -327,6 +358,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
             name=rec.tune_dir.name,
             storage_path=str(rec.path),
             callbacks=[logger, StateWriter(str(rec.path), spec, logger)],
+            stop=CancelStopper(str(rec.cancel_file)),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             verbose=0,

@@ -21,7 +21,7 @@ from pydantic import (
 
 from trainer.config import TrainerConfig
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FloatParam(BaseModel):
@@ -261,7 +261,15 @@ def _is_int_field(name: str) -> bool:
 
 def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
     """One line per problem, led by its field path (``search.space.reg_constant: ...``)."""
-    lines = []
+    return [
+        f"{source}{e['path']}: {e['msg']}" if e["path"] else f"{source}{e['msg']}"
+        for e in spec_errors(err)
+    ]
+
+
+def spec_errors(err: ValidationError) -> list[dict[str, str]]:
+    """Each problem as ``{path, msg, type}``, the path dotted from the spec's root."""
+    out = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         # Discriminated unions add the tag to the path (space.x.float.low); drop it.
@@ -273,9 +281,8 @@ def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
         head, sep, rest = msg.partition(": ")
         if sep and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_/-]+)*", head):
             loc, msg = [*loc, head], rest
-        path = ".".join(loc)
-        lines.append(f"{source}{path}: {msg}" if path else f"{source}{msg}")
-    return lines
+        out.append({"path": ".".join(loc), "msg": msg, "type": e["type"]})
+    return out
 
 
 _TAGS = {"float", "int", "categorical"}

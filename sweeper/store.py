@@ -2,7 +2,8 @@
 
 ``<home>/<id>/spec.yaml`` is the spec as submitted, ``state.json`` the sweep's status,
 trial table and MLflow ids (rewritten atomically by the driver), ``tune/`` Ray Tune's
-experiment folder that ``resume`` restores from.
+experiment folder that ``resume`` restores from, ``cancel`` (when present) a request to
+cancel that the driver's stopper sees within a second.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,15 @@ import yaml
 from sweeper.spec import SweepSpec
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+# Called with the whole state after every write (the CLI's live table, the service's
+# database mirror). Module-level: Tune pickles the callbacks that write the state.
+LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+def new_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def home() -> Path:
@@ -33,10 +44,10 @@ class SweepRecord:
         self.id = path.name
 
     @classmethod
-    def create(cls, spec: SweepSpec) -> SweepRecord:
-        sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    def create(cls, spec: SweepSpec, sweep_id: str | None = None) -> SweepRecord:
+        sweep_id = sweep_id or new_id(spec.name)
         rec = cls(home() / sweep_id)
-        rec.path.mkdir(parents=True)
+        rec.path.mkdir(parents=True, exist_ok=True)
         (rec.path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
         now = time.time()
         rec.write(
@@ -71,6 +82,13 @@ class SweepRecord:
     def tune_dir(self) -> Path:
         return self.path / "tune"
 
+    @property
+    def cancel_file(self) -> Path:
+        return self.path / "cancel"
+
+    def request_cancel(self) -> None:
+        self.cancel_file.touch()
+
     def spec(self) -> SweepSpec:
         return SweepSpec.model_validate(yaml.safe_load((self.path / "spec.yaml").read_text()))
 
@@ -81,6 +99,8 @@ class SweepRecord:
         tmp = self.path / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2, default=str))
         tmp.replace(self.path / "state.json")
+        for listener in LISTENERS:
+            listener(state)
 
     def update(self, **fields: Any) -> dict[str, Any]:
         state = self.read() | fields | {"updated": time.time()}

@@ -16,7 +16,7 @@ class TrainerConfig(BaseModel):
     MLflow's params all use them unchanged.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- sources -----------------------------------------------------------------------
     model: str = Field(

@@ -195,8 +195,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
 
 def test_time_budget_ends_the_sweep_and_closes_every_run(sweep_env, tiny_spec):
     spec = tiny_spec(
-        trainer={"max_steps": 5000, "eval_every": 50},
-        budget={"trials": 4, "max_concurrent": 2, "time_budget_s": 8},
+        # the budget must outlast Ray's start and a first eval on a slow CI machine
+        trainer={"max_steps": 5000, "eval_every": 10},
+        budget={"trials": 4, "max_concurrent": 2, "time_budget_s": 25},
     )
     state, _ = _sweep(spec)
     assert state["status"] == "succeeded"
@@ -204,3 +205,36 @@ def test_time_budget_ends_the_sweep_and_closes_every_run(sweep_env, tiny_spec):
     _, runs = _children(sweep_env, state)
     assert runs and "RUNNING" not in {r.info.status for r in runs}
     assert "KILLED" in {r.info.status for r in runs}
+
+
+def test_cancel_file_stops_the_sweep_and_kills_its_runs(sweep_env, tiny_spec):
+    import threading
+
+    spec = SweepSpec.model_validate(
+        tiny_spec(trainer={"max_steps": 20000, "eval_every": 10}, budget={"trials": 4})
+    )
+    rec = SweepRecord.create(spec)
+    seen: list[float] = []
+
+    def cancel_once_running() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            rows = rec.read()["trials"].values()
+            if any((t.get("step") or 0) > 0 for t in rows):
+                seen.append(time.monotonic())
+                # what `sweeper cancel ID` does for a running local sweep
+                assert CliRunner().invoke(app, ["cancel", rec.id]).exit_code == 0
+                return
+            time.sleep(0.2)
+
+    rec.update(pid=os.getpid())  # the CLI checks the driver is alive
+    threading.Thread(target=cancel_once_running, daemon=True).start()
+    state = run_sweep(rec)
+    assert seen and time.monotonic() - seen[0] < 30
+    assert state["status"] == "cancelled"
+    assert {t["status"] for t in state["trials"].values()} == {"stopped"}
+    client, runs = _children(sweep_env, state)
+    assert runs and {r.info.status for r in runs} == {"KILLED"}
+    assert client.get_run(state["mlflow"]["parent_run_id"]).info.status == "KILLED"
+    res = CliRunner().invoke(app, ["cancel", rec.id])
+    assert res.exit_code == 1 and "cancelled: nothing to cancel" in res.output

@@ -1,0 +1,65 @@
+"""Where a submitted spec may point: builtin aliases, hub ids, or paths under allowed roots."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sweeper.spec import SweepSpec
+from trainer.data import DATASET_ALIASES
+from trainer.sources import MODEL_ALIASES, cache_dir
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FIELDS = {"model": MODEL_ALIASES, "dataset": DATASET_ALIASES}
+
+
+def _values(spec: SweepSpec, field: str) -> list[tuple[str, Any]]:
+    """Every value ``field`` can take in the spec, with its path in the spec."""
+    out = []
+    if field in spec.trainer:
+        out.append((f"trainer.{field}", spec.trainer[field]))
+    param = spec.search.space.get(field)
+    for i, choice in enumerate(getattr(param, "choices", None) or []):
+        out.append((f"search.space.{field}.choices.{i}", choice))
+    for i, point in enumerate(spec.search.points):
+        if field in point:
+            out.append((f"search.points.{i}.{field}", point[field]))
+    return out
+
+
+def path_errors(spec: SweepSpec, roots: list[Path]) -> list[dict[str, str]]:
+    """One ``{path, msg, type}`` per model/dataset value that names a path outside ``roots``.
+
+    Aliases pass; for models, so does a hub id (``org/name``) that is not a local path.
+    A path passes when it resolves (symlinks and ``..`` followed) under a root or the
+    builtin cache.
+    """
+    allowed = [*roots, cache_dir().resolve()]
+    errors = []
+    for field, aliases in FIELDS.items():
+        for where, value in _values(spec, field):
+            if not isinstance(value, str) or value in aliases:
+                continue
+            raw = Path(value).expanduser()
+            looks_like_path = (
+                value.startswith((".", "/", "~"))
+                or ".." in Path(value).parts
+                or field == "dataset"
+                or raw.exists()
+                or not _HUB_ID.match(value)
+            )
+            if not looks_like_path:
+                continue
+            real = raw.resolve()
+            if not any(real == r or real.is_relative_to(r) for r in allowed):
+                shown = ":".join(str(r) for r in roots) or "none configured"
+                errors.append(
+                    {
+                        "path": where,
+                        "msg": f"{value!r} is outside the allowed paths (SWEEPER_ALLOWED_PATHS: "
+                        f"{shown}); use a builtin alias or a path under those roots",
+                        "type": "path_not_allowed",
+                    }
+                )
+    return errors
