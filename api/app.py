@@ -3,8 +3,8 @@
 Routes (``docs/service.md`` has examples): ``POST /sweeps``, ``GET /sweeps``,
 ``GET /sweeps/{id}``, ``GET /sweeps/{id}/trials``, ``POST /sweeps/{id}/cancel``,
 ``POST /sweeps/{id}/resume``, ``GET /sweeps/{id}/events`` (Server-Sent Events),
-``GET /healthz``, ``GET /metrics`` (Prometheus). The API never runs a sweep itself:
-each runs in its own driver process (see ``api.launcher``).
+``GET /sweeps/{id}/report`` (HTML), ``GET /healthz``, ``GET /metrics`` (Prometheus).
+The API never runs a sweep itself: each runs in its own driver process (``api.launcher``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import func, select
@@ -545,6 +545,60 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
                     await asyncio.sleep(0.5)
 
         return EventSourceResponse(stream(), ping=15)
+
+    report_locks: dict[str, asyncio.Lock] = {}
+
+    def build_report(sweep_id: str, refresh: bool) -> Path:
+        from dashboards.report import publish
+
+        with db.session() as s:
+            sw = _get(s, sweep_id)
+            if not sw.parent_run_id:
+                raise HTTPException(
+                    409, f"sweep {sweep_id} is {sw.status}: it has no MLflow records yet"
+                )
+            updated, info = sw.updated, (sw.tracking_uri, sw.experiment_id)
+        out = settings.home.resolve() / sweep_id / "report"
+        page = out / "report.html"
+        if not refresh and page.is_file() and page.stat().st_mtime >= updated:
+            return page  # nothing changed since it was built
+        return publish(sweep_id, out, info[0], info[1], settings.mlflow_ui_url)
+
+    @api.get(
+        "/sweeps/{sweep_id}/report",
+        tags=["sweeps"],
+        response_class=HTMLResponse,
+        responses={
+            200: {
+                "content": {"text/html": {}},
+                "description": "The sweep's report: one self-contained HTML page.",
+            },
+            404: {"model": ErrorBody},
+            409: {"model": ErrorBody},
+        },
+    )
+    async def get_report(
+        sweep_id: str,
+        refresh: Annotated[bool, Query(description="Rebuild even if nothing changed.")] = False,
+    ):
+        """The per-sweep report, built from MLflow (and logged to the parent run) on demand.
+
+        Rebuilt when the sweep changed since the last build; a running sweep shows what
+        exists so far.
+        """
+        lock = report_locks.setdefault(sweep_id, asyncio.Lock())
+        async with lock:
+            try:
+                page = await asyncio.to_thread(build_report, sweep_id, refresh)
+            except HTTPException:
+                raise
+            except Exception as e:
+                from dashboards.data import ReportError
+
+                if isinstance(e, ReportError):
+                    raise HTTPException(409, str(e)) from None
+                raise
+        return HTMLResponse(page.read_text())
 
     @app.get(
         "/metrics",

@@ -74,6 +74,7 @@ class Launcher:
         env |= {
             "SWEEPER_HOME": str(self.settings.home.resolve()),
             "SWEEPER_DATABASE_URL": self.db.url,
+            "SWEEPER_DRIVER_KIND": "ray-job",
         }
         job_id = client.submit_job(
             entrypoint=f"python -m api.runner {sweep_id}",

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no sweep {args.sweep_id!r} in {settings.db_url()}", file=sys.stderr)
             return 2
         spec, resume = SweepSpec.model_validate(sw.spec), sw.resume
-        if sw.driver != "ray-job":  # a Ray Job's id is set by the service already
+        if os.environ.get("SWEEPER_DRIVER_KIND") != "ray-job":  # a job's id is the service's
             sw.driver, sw.driver_ref = "local", str(os.getpid())
         sw.driver_host = socket.gethostname()
     try:

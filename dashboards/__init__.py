@@ -1,1 +1,1 @@
-"""Per-sweep reports and Grafana dashboards. Not built yet: see the open dashboards issue."""
+"""Per-sweep research reports (HTML + PNG) built from MLflow, and Grafana dashboards."""

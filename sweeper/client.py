@@ -68,6 +68,18 @@ class SweeperClient:
     def resume(self, sweep_id: str) -> dict:
         return self._call("POST", f"/sweeps/{sweep_id}/resume")
 
+    def report(self, sweep_id: str, refresh: bool = False) -> str:
+        """The sweep's report page (self-contained HTML)."""
+        try:
+            r = self.http.get(
+                f"/sweeps/{sweep_id}/report", params={"refresh": refresh}, timeout=300
+            )
+        except httpx.HTTPError as e:
+            raise ServiceError(0, [f"cannot reach the service at {self.url}: {e}"]) from None
+        if r.status_code >= 400:
+            raise ServiceError(r.status_code, _error_lines(r))
+        return r.text
+
     def events(self, sweep_id: str, after: int = 0) -> Iterator[tuple[str, dict]]:
         """Yield ``(event, data)`` until the sweep ends; reconnects from the last id seen."""
         last, failures = after, 0

@@ -292,6 +292,7 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
     if rec.cancel_file.exists():
         best = best_configuration(spec, rows)
         parent.log_best(best)
+        _publish_report(rec, parent)
         parent.end("KILLED")
         for row in rows.values():
             if row["status"] in ("running", "retrying", "paused"):
@@ -310,6 +311,7 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
             row["status"] = "paused"  # resume continues it from its last checkpoint
         return rec.update(status="interrupted", trials=rows, best=best, pid=None)
     parent.log_best(best)
+    _publish_report(rec, parent)
     parent.end("FINISHED" if best else "FAILED")
     if best:
         return rec.update(status="succeeded", best=best, pid=None)
@@ -317,6 +319,19 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
     if spec.budget.time_budget_s:
         why += f" within the time budget of {spec.budget.time_budget_s:g} s"
     return rec.update(status="failed", best=None, error=why, pid=None)
+
+
+def _publish_report(rec: SweepRecord, parent: SweepParentRun) -> None:
+    """The sweep's report, logged to its parent run; a report problem never fails a sweep."""
+    try:
+        from dashboards.report import publish
+
+        publish(rec.id, rec.path / "report", parent.client.tracking_uri, parent.experiment_id)
+    except Exception as e:
+        logging.getLogger("sweeper").warning(
+            "sweep %s: no report (%s: %s)", rec.id, type(e).__name__, e
+        )
+        (rec.path / "report-error.log").write_text(traceback.format_exc())
 
 
 def _searcher_exhausted(spec: SweepSpec, rows: dict) -> bool:

@@ -57,7 +57,10 @@ class Service:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.mlflow_uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        self.env = os.environ.copy() | {
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in ("SWEEPER_SERVER", "RAY_ADDRESS")
+        }
+        self.env = inherited | {
             "SWEEPER_HOME": str(tmp / "sweeps"),
             "SWEEPER_DATABASE_URL": db_url,
             "SWEEPER_ALLOWED_PATHS": str(tmp),
@@ -65,8 +68,6 @@ class Service:
             "SWEEPER_RECONCILE_INTERVAL_S": "0.5",
             **env,
         }
-        self.env.pop("SWEEPER_SERVER", None)
-        self.env.pop("RAY_ADDRESS", None)
         self.proc: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=self.url, timeout=30)
 

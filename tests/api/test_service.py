@@ -84,6 +84,10 @@ def test_cancel_stops_trials_promptly_and_kills_their_runs(service, sqlite_url, 
     svc = service(sqlite_url)
     sw = svc.submit(api_spec(max_steps=20000, trials=4))
     svc.wait(sw["id"], lambda s: any((t["step"] or 0) > 0 for t in svc.trials(s["id"])))
+    # the report of a running sweep shows what exists so far
+    page = svc.http.get(f"/sweeps/{sw['id']}/report", timeout=120)
+    assert page.status_code == 200, page.text
+    assert '<td class="RUNNING"' in page.text and 'id="loss_curves"' in page.text
     t0 = time.monotonic()
     r = svc.http.post(f"/sweeps/{sw['id']}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"]

@@ -117,6 +117,13 @@ def test_failing_trial_ends_failed_and_the_sweep_goes_on(
     assert "non-finite loss" in run[str(bad)].data.tags["error"]
     assert run[str(bad)].data.tags["retried"] == "1"  # retried once (max_failures), then FAILED
     assert run[tiny_dataset].info.status == "FINISHED"
+    # the report lists the failed trial and still draws the others
+    from dashboards.report import write_report
+
+    page = write_report(state["id"], tmp_path / "report", sweep_env).read_text()
+    failed = next(t for t in state["trials"].values() if t["status"] == "failed")
+    assert "<h2>Failed trials</h2>" in page and failed["id"] in page
+    assert "non-finite loss" in page and 'id="loss_curves"' in page
 
 
 def test_repeats_run_each_configuration_with_several_seeds(sweep_env, tiny_spec):

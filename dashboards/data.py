@@ -1,0 +1,196 @@
+"""A sweep's records, read back from MLflow: the parent run, its spec, every trial's curves.
+
+MLflow is the source (not the driver's state), so a report works for finished, running,
+resumed and service-run sweeps alike, and for anyone who can reach the tracking server.
+Histories come with ``get_metric_history_bulk_interval``: one query per metric for up to
+100 runs, not one per run and metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from sweeper.spec import SweepSpec
+
+CURVES = (
+    "train/loss_lm",
+    "train/loss_reg",
+    "train/loss_total",
+    "train/reg_constant",
+    "train/grad_norm_lm",
+    "train/grad_norm_reg",
+    "val/accuracy",
+    "val/loss_lm",
+    "val/loss_reg",
+)
+
+
+class ReportError(Exception):
+    """A report cannot be built (no such sweep in MLflow, ...): one line for the user."""
+
+
+@dataclass
+class Trial:
+    run_id: str
+    trial_id: str
+    status: str  # MLflow's: RUNNING, FINISHED, KILLED, FAILED
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each
+    history: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def reg_constant(self) -> float:
+        return float(self.params.get("reg_constant", "nan"))
+
+    @property
+    def token_expansion(self) -> int:
+        return int(float(self.params.get("token_expansion", "1")))
+
+    @property
+    def seed(self) -> int | None:
+        s = self.params.get("seed")
+        return int(s) if s not in (None, "None") else None
+
+    @property
+    def step(self) -> int | None:
+        steps = self.history.get("train/loss_lm", (np.array([]), None))[0]
+        return int(steps[-1]) if len(steps) else None
+
+    def searched(self, spec: SweepSpec | None) -> dict[str, Any]:
+        """The searched parameters of this trial (the configuration, seeds aside)."""
+        keys = list(spec.search.space) if spec else ["reg_constant", "token_expansion"]
+        return {k: _typed(self.params.get(k)) for k in keys}
+
+
+@dataclass
+class SweepData:
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    parent_status: str
+    tracking_uri: str
+    spec: SweepSpec | None
+    trials: list[Trial]
+
+    @property
+    def metric(self) -> str:
+        return self.spec.objective.metric if self.spec else "val/accuracy"
+
+    @property
+    def mode(self) -> str:
+        return self.spec.objective.mode if self.spec else "max"
+
+
+def _typed(v: str | None) -> Any:
+    if v is None:
+        return None
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def find_parent(client: MlflowClient, sweep_id: str, experiment_id: str | None = None):
+    if experiment_id:
+        exp_ids = [experiment_id]
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    for i in range(0, len(exp_ids), 100):
+        runs = client.search_runs(
+            exp_ids[i : i + 100],
+            f"tags.sweep_id = '{sweep_id}' and attributes.run_name = '{sweep_id}'",
+            max_results=10,
+        )
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        if parents:
+            return parents[0]
+    raise ReportError(f"no MLflow parent run for sweep {sweep_id!r} at {client.tracking_uri}")
+
+
+def _spec(client: MlflowClient, run_id: str) -> SweepSpec | None:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "spec.yaml", tmp)
+            return SweepSpec.model_validate(yaml.safe_load(Path(path).read_text()))
+    except Exception:  # an older or hand-made parent: the report still draws what it can
+        return None
+
+
+def _histories(
+    client: MlflowClient, run_ids: list[str], keys: tuple[str, ...], max_points: int
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    store = client._tracking_client.store
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {r: {} for r in run_ids}
+    for key in keys:
+        rows: dict[str, list[tuple[int, float]]] = {r: [] for r in run_ids}
+        for i in range(0, len(run_ids), 100):
+            chunk = run_ids[i : i + 100]
+            try:
+                found = store.get_metric_history_bulk_interval(chunk, key, max_points, None, None)
+                for m in found:
+                    rows[m.run_id].append((m.step, m.value))
+            except Exception:  # a store without the bulk call: one request per run
+                for r in chunk:
+                    rows[r] = [(m.step, m.value) for m in client.get_metric_history(r, key)]
+        for r, pts in rows.items():
+            if pts:
+                pts.sort()
+                steps, values = zip(*pts, strict=True)
+                out[r][key] = (np.asarray(steps), np.asarray(values, dtype=float))
+    return out
+
+
+def load_sweep(
+    sweep_id: str,
+    tracking_uri: str | None = None,
+    experiment_id: str | None = None,
+    max_points: int = 500,
+) -> SweepData:
+    """Everything a report needs about one sweep, from MLflow."""
+    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+    parent = find_parent(client, sweep_id, experiment_id)
+    exp_id = parent.info.experiment_id
+    runs = client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50000
+    )
+    keys = tuple(
+        sorted(
+            {k for r in runs for k in r.data.metrics if k.startswith(("train/", "val/"))}
+            | set(CURVES)
+        )
+    )
+    hist = _histories(client, [r.info.run_id for r in runs], keys, max_points)
+    trials = [
+        Trial(
+            run_id=r.info.run_id,
+            trial_id=r.data.tags.get("trial_id", r.info.run_id[:8]),
+            status=r.info.status,
+            params=dict(r.data.params),
+            metrics={k: v for k, v in r.data.metrics.items() if not math.isnan(v)},
+            history=hist[r.info.run_id],
+            error=r.data.tags.get("error"),
+        )
+        for r in runs
+    ]
+    trials.sort(key=lambda t: t.trial_id)
+    return SweepData(
+        sweep_id=sweep_id,
+        experiment_id=exp_id,
+        parent_run_id=parent.info.run_id,
+        parent_status=parent.info.status,
+        tracking_uri=client.tracking_uri,
+        spec=_spec(client, parent.info.run_id),
+        trials=trials,
+    )

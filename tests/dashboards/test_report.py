@@ -1,0 +1,119 @@
+"""The per-sweep report, from a real sweep's MLflow records, opened in a real Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from dashboards.data import load_sweep
+from dashboards.report import configurations, write_compare, write_report
+from sweeper.cli import app
+from sweeper.driver import run_sweep
+from sweeper.spec import SweepSpec
+from sweeper.store import SweepRecord
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(page, tmp_path) -> tuple[str, str, np.ndarray]:
+    """Open ``page`` headless with no network: (DOM after scripts, browser log, screenshot)."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed here (apt-get install chromium)")
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+        "--proxy-server=127.0.0.1:9",
+        "--window-size=1300,2600",  # no network at all
+    ]
+    url = page.resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    shot = tmp_path / "shot.png"
+    res = subprocess.run(
+        [*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120
+    )
+    return dom.stdout, dom.stderr + res.stderr, mpimg.imread(shot)
+
+
+def _console_errors(log: str) -> list[str]:
+    lines = [line for line in log.splitlines() if "CONSOLE" in line]
+    return [line for line in lines if re.search(r"error|uncaught", line, re.I)]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_report_of_a_sweep_with_repeats_and_a_baseline(sweep_env, tiny_spec, tmp_path):
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            search={
+                "sampler": "tpe",
+                "seed": 0,
+                "space": {
+                    "reg_constant": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
+                    "token_expansion": {"type": "categorical", "choices": [1, 2]},
+                },
+                "points": [{"reg_constant": 0.0, "token_expansion": 1}],
+            },
+            budget={"trials": 3, "max_concurrent": 2},
+            repeats=2,
+        )
+    )
+    rec = SweepRecord.create(spec)
+    state = run_sweep(rec)
+    assert state["status"] == "succeeded"
+
+    # the driver logged the report to the parent run when the sweep ended
+    client = MlflowClient(sweep_env)
+    logged = {a.path for a in client.list_artifacts(state["mlflow"]["parent_run_id"], "report")}
+    assert "report/report.html" in logged and "report/accuracy_vs_lambda.png" in logged
+
+    # seeds are grouped with a 95% interval; the baseline is its own configuration
+    confs = configurations(load_sweep(rec.id, sweep_env), "val/accuracy")
+    rows = [r for per_k in confs.values() for r in per_k]
+    assert {r["n"] for r in rows} == {2} and any(r["lam"] == 0 for r in confs[1])
+    assert all(r["half"] >= 0 for r in rows) and any(r["half"] > 0 for r in rows)
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["report", rec.id, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "accuracy_vs_lambda.png" in pngs and "grad_norm_ratio.png" in pngs
+    assert len(pngs) == 7, pngs  # every figure has data, Optuna's three included
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+    assert page.count('<td class="FINISHED"') == 6  # a row per trial (3 configurations x 2)
+
+    dom, log, shot = _chromium(out / "report.html", tmp_path)
+    assert 'data-figures-loaded="7"' in dom, dom[:2000]  # every <img> decoded
+    assert _console_errors(log) == [], log
+    pixels = shot[..., :3].reshape(-1, 3)
+    ink = (pixels.mean(axis=1) < 0.9).mean()  # share of non-white pixels
+    assert shot.shape[0] > 1000 and 0.02 < ink < 0.9, ink
+
+    cmp = write_compare([rec.id, rec.id], tmp_path / "cmp", sweep_env)
+    assert (tmp_path / "cmp" / "compare_accuracy_vs_lambda.png").stat().st_size > 10_000
+    assert rec.id in cmp.read_text()
+
+
+def test_report_without_the_sweep_is_a_clear_error(sweep_env, tmp_path):
+    res = CliRunner().invoke(app, ["report", "nope", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "no MLflow parent run for sweep 'nope'" in res.output
+    with pytest.raises(Exception, match="no MLflow parent run"):
+        write_report("nope", tmp_path / "o", sweep_env)
