@@ -567,10 +567,11 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
     @api.get(
         "/sweeps/{sweep_id}/report",
         tags=["sweeps"],
-        response_class=HTMLResponse,
+        # Not HTMLResponse: FastAPI would document the JSON errors as text/html too.
+        response_class=Response,
         responses={
             200: {
-                "content": {"text/html": {}},
+                "content": {"text/html": {"schema": {"type": "string"}}},
                 "description": "The sweep's report: one self-contained HTML page.",
             },
             404: {"model": ErrorBody},

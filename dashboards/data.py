@@ -1,9 +1,11 @@
-"""A sweep's records, read back from MLflow: the parent run, its spec, every trial's curves.
+"""A sweep's records, read back from MLflow: the parent run, its spec, every trial.
 
 MLflow is the source (not the driver's state), so a report works for finished, running,
 resumed and service-run sweeps alike, and for anyone who can reach the tracking server.
-Histories come with ``get_metric_history_bulk_interval``: one query per metric for up to
-100 runs, not one per run and metric.
+One ``search_runs`` gives every trial's params, tags and latest metrics (all the
+per-configuration figures need); full histories are fetched only for the few trials whose
+curves a report draws (:meth:`SweepData.load_histories`): a metric history is one query
+per run and key in MLflow's stores, whatever the API.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Trial:
     metrics: dict[str, float]  # the latest value of each
     history: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     error: str | None = None
+    last_step: int | None = None  # the driver's ``last_step`` tag
 
     @property
     def reg_constant(self) -> float:
@@ -66,7 +69,13 @@ class Trial:
     @property
     def step(self) -> int | None:
         steps = self.history.get("train/loss_lm", (np.array([]), None))[0]
-        return int(steps[-1]) if len(steps) else None
+        if len(steps):
+            return int(steps[-1])
+        if self.last_step is not None:
+            return self.last_step
+        if self.status == "FINISHED" and "max_steps" in self.params:
+            return int(self.params["max_steps"])
+        return None
 
     def searched(self, spec: SweepSpec | None) -> dict[str, Any]:
         """The searched parameters of this trial (the configuration, seeds aside)."""
@@ -83,6 +92,16 @@ class SweepData:
     tracking_uri: str
     spec: SweepSpec | None
     trials: list[Trial]
+    client: MlflowClient | None = None
+
+    def load_histories(self, trials: list[Trial], keys: tuple[str, ...] = CURVES) -> None:
+        """Fill ``history`` of these trials (at most ``max_points`` per key, evenly spaced)."""
+        todo = [t for t in trials if not t.history]
+        if not todo or self.client is None:
+            return
+        hist = _histories(self.client, [t.run_id for t in todo], keys, 500)
+        for t in todo:
+            t.history = hist[t.run_id]
 
     @property
     def metric(self) -> str:
@@ -137,11 +156,11 @@ def _histories(
         rows: dict[str, list[tuple[int, float]]] = {r: [] for r in run_ids}
         for i in range(0, len(run_ids), 100):
             chunk = run_ids[i : i + 100]
-            try:
+            try:  # evenly sampled, first and last kept; a REST server does it in one call
                 found = store.get_metric_history_bulk_interval(chunk, key, max_points, None, None)
                 for m in found:
                     rows[m.run_id].append((m.step, m.value))
-            except Exception:  # a store without the bulk call: one request per run
+            except Exception:  # a store without it: the whole history, run by run
                 for r in chunk:
                     rows[r] = [(m.step, m.value) for m in client.get_metric_history(r, key)]
         for r, pts in rows.items():
@@ -156,22 +175,14 @@ def load_sweep(
     sweep_id: str,
     tracking_uri: str | None = None,
     experiment_id: str | None = None,
-    max_points: int = 500,
 ) -> SweepData:
-    """Everything a report needs about one sweep, from MLflow."""
+    """One sweep's parent, spec and trials (latest metrics; histories on demand)."""
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     parent = find_parent(client, sweep_id, experiment_id)
     exp_id = parent.info.experiment_id
     runs = client.search_runs(
         [exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50000
     )
-    keys = tuple(
-        sorted(
-            {k for r in runs for k in r.data.metrics if k.startswith(("train/", "val/"))}
-            | set(CURVES)
-        )
-    )
-    hist = _histories(client, [r.info.run_id for r in runs], keys, max_points)
     trials = [
         Trial(
             run_id=r.info.run_id,
@@ -179,8 +190,8 @@ def load_sweep(
             status=r.info.status,
             params=dict(r.data.params),
             metrics={k: v for k, v in r.data.metrics.items() if not math.isnan(v)},
-            history=hist[r.info.run_id],
             error=r.data.tags.get("error"),
+            last_step=int(r.data.tags["last_step"]) if "last_step" in r.data.tags else None,
         )
         for r in runs
     ]
@@ -193,4 +204,5 @@ def load_sweep(
         tracking_uri=client.tracking_uri,
         spec=_spec(client, parent.info.run_id),
         trials=trials,
+        client=client,
     )

@@ -32,6 +32,13 @@ from scipy import stats
 
 from dashboards.data import SweepData, Trial, load_sweep
 
+CURVE_KEYS = (
+    "train/loss_lm",
+    "train/loss_reg",
+    "train/reg_constant",
+    "train/grad_norm_lm",
+    "train/grad_norm_reg",
+)
 COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -157,9 +164,7 @@ def _shown(data: SweepData) -> dict[str, Trial]:
     """The trials whose curves are drawn: all of them up to 12, else the best per k."""
     if len(data.trials) <= 12:
         return {
-            f"{t.trial_id} k={t.token_expansion} λ={t.reg_constant:.3g}": t
-            for t in data.trials
-            if t.history
+            f"{t.trial_id} k={t.token_expansion} λ={t.reg_constant:.3g}": t for t in data.trials
         }
     return {
         f"best k={k}: {t.trial_id} λ={t.reg_constant:.3g}": t for k, t in _best_per_k(data).items()
@@ -457,6 +462,7 @@ def _summary(data: SweepData) -> list[list[str]]:
 def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path:
     """Write ``out/report.html`` and one PNG per figure; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
+    data.load_histories(list(_shown(data).values()), CURVE_KEYS)  # only the drawn curves
     sections, figures = [], {}
     for name, title, build in FIGURES:
         try:

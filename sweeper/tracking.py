@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from trainer.config import TrainerConfig, flatten_config
@@ -209,8 +209,13 @@ class MlflowTrialLogger(tune.Callback):
 
     def _flush(self, trial_id: str) -> None:
         buf = self._buf.pop(trial_id, [])
+        # The last step logged rides along as a tag: a report reads it without histories.
+        tags = [RunTag("last_step", str(self.logged.get(trial_id, 0)))]
         for i in range(0, len(buf), _MAX_BATCH):
-            self.client.log_batch(self.run_ids[trial_id], metrics=buf[i : i + _MAX_BATCH])
+            last = i + _MAX_BATCH >= len(buf)
+            self.client.log_batch(
+                self.run_ids[trial_id], metrics=buf[i : i + _MAX_BATCH], tags=tags if last else []
+            )
 
     def _end(self, trial, status: str) -> None:
         if trial.trial_id not in self.run_ids:

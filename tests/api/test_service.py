@@ -76,6 +76,18 @@ def test_cli_submit_watch_and_list_through_the_server(service, sqlite_url, api_s
     assert "MLflow: http://mlflow.example:5000/#/experiments/" in out
     res = subprocess.run([*cmd, "list"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "succeeded" in res.stdout and "cli-" in res.stdout
+    sweep_id = out.split()[1].rstrip(":")
+    res = subprocess.run(
+        [*cmd, "report", sweep_id, "-o", "rep"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert (tmp_path / "rep" / "accuracy_vs_lambda.png").stat().st_size > 5000
     bad = subprocess.run([*cmd, "status", "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "no sweep 'nope'" in bad.stderr
 
