@@ -139,7 +139,7 @@ def fig_final_losses(data: SweepData):
     n = 0
     for ax, key in zip(axes, ("loss_lm", "loss_reg"), strict=True):
         src = (
-            f"val/{key}" if any(f"val/{key}" in t.history for t in data.trials) else f"train/{key}"
+            f"val/{key}" if any(f"val/{key}" in t.metrics for t in data.trials) else f"train/{key}"
         )
         n += _vs_lambda(ax, data, src, f"final {src}")
         ax.set_title(f"final {src} vs λ")
