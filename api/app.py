@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -26,11 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
 
-from api.db import Database, EventRow, Sweep, TrialRow, trial_dict
+from api.db import Database, EventRow, Sweep, TrialRow, sweep_summary, trial_dict
 from api.launcher import Launcher
 from api.metrics import render_metrics
 from api.paths import path_errors
@@ -50,6 +51,7 @@ EXAMPLE_SPEC = (
 
 # Largest OFFSET/event id a query takes: SQLite's and PostgreSQL's BIGINT (larger ones 500ed).
 MAX_INT64 = 2**63 - 1
+_SWEEP_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
@@ -198,8 +200,16 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
                 await asyncio.wait_for(wake.wait(), settings.reconcile_interval_s)
             wake.clear()
 
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def poke() -> None:
+        """Wake the scheduler; safe from the threadpool that runs sync routes."""
+        if loop_box:
+            loop_box[0].call_soon_threadsafe(wake.set)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop_box.append(asyncio.get_running_loop())
         task = asyncio.create_task(scheduler()) if start_scheduler else None
         yield
         if task:
@@ -250,6 +260,8 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
     )
 
     def _get(s, sweep_id: str) -> Sweep:
+        if not _SWEEP_ID.fullmatch(sweep_id):  # never a valid id; also no NUL to PostgreSQL
+            raise HTTPException(404, f"no sweep {sweep_id!r}")
         sw = s.get(Sweep, sweep_id)
         if sw is None:
             raise HTTPException(404, f"no sweep {sweep_id!r}")
@@ -363,6 +375,8 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
             return _invalid_spec(spec_errors(e))
         except (ValueError, TypeError, RecursionError) as e:
             return _invalid_spec([{"path": "", "msg": str(e), "type": "value_error"}])
+        # Checked on the spec as it will be stored (a YAML !!binary value becomes its text).
+        spec = SweepSpec.model_validate(spec.model_dump(mode="json"))
         bad = path_errors(spec, settings.roots())
         if bad:
             return _invalid_spec(bad)
@@ -455,14 +469,29 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
             sw = _get(s, sweep_id)
             if sw.status in FINAL_STATES:
                 raise HTTPException(409, f"sweep {sweep_id} is {sw.status}: nothing to cancel")
-            status = sw.status
-        if status == "running":
-            with db.session() as s:
+        # No driver yet (queued) or none any more (interrupted): cancelled at once, but only
+        # if the scheduler did not start it meanwhile.
+        with db.session() as s:
+            res = s.execute(
+                update(Sweep)
+                .where(Sweep.id == sweep_id, Sweep.status.in_(("queued", "interrupted")))
+                .values(
+                    status="cancelled",
+                    cancel_requested=True,
+                    updated=time.time(),
+                    ended=time.time(),
+                )
+            )
+            if res.rowcount == 1:
+                sw = s.get(Sweep, sweep_id)
+                s.refresh(sw)
+                db.add_event(s, sweep_id, "sweep", sweep_summary(s, sw))
+            else:
                 sw = _get(s, sweep_id)
-                sw.cancel_requested, sw.updated = True, time.time()
-        else:  # queued or interrupted: no driver to tell
-            db.set_status(sweep_id, "cancelled", cancel_requested=True)
-        wake.set()
+                if sw.status in FINAL_STATES:
+                    raise HTTPException(409, f"sweep {sweep_id} is {sw.status}: nothing to cancel")
+                sw.cancel_requested, sw.updated = True, time.time()  # its driver stops it
+        poke()
         with db.session() as s:
             return _out(s, _get(s, sweep_id))
 
@@ -485,7 +514,7 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
         db.set_status(
             sweep_id, "queued", resume=True, error=None, ended=None, cancel_requested=False
         )
-        wake.set()
+        poke()
         with db.session() as s:
             return _out(s, _get(s, sweep_id))
 
@@ -521,13 +550,15 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
 
         def fetch(cursor: int):
             with db.session() as s:
+                # Status first: a driver commits its last events with its final status, so
+                # events read after a final status include them all.
+                status = s.get(Sweep, sweep_id).status
                 rows = s.scalars(
                     select(EventRow)
                     .where(EventRow.sweep_id == sweep_id, EventRow.id > cursor)
                     .order_by(EventRow.id)
                     .limit(500)
                 ).all()
-                status = s.get(Sweep, sweep_id).status
                 return [(e.id, e.type, e.data) for e in rows], status
 
         async def stream():
@@ -587,6 +618,8 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
         Rebuilt when the sweep changed since the last build; a running sweep shows what
         exists so far.
         """
+        with db.session() as s:
+            _get(s, sweep_id)
         lock = report_locks.setdefault(sweep_id, asyncio.Lock())
         async with lock:
             try:
@@ -599,7 +632,8 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
                 if isinstance(e, ReportError):
                     raise HTTPException(409, str(e)) from None
                 raise
-        return HTMLResponse(page.read_text())
+            text = page.read_text()
+        return HTMLResponse(text)
 
     @app.get(
         "/metrics",

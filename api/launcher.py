@@ -41,7 +41,32 @@ class Launcher:
         env.pop("RAY_ADDRESS", None)  # a local driver starts its own local Ray
         return env
 
+    def _claim(self, sweep_id: str) -> bool:
+        """queued -> running, only if it is still queued (a cancel may have come first)."""
+        now = time.time()
+        with self.db.session() as s:
+            res = s.execute(
+                update(Sweep)
+                .where(Sweep.id == sweep_id, Sweep.status == "queued")
+                .values(
+                    status="running",
+                    updated=now,
+                    started=now,
+                    error=None,
+                    driver=None,
+                    driver_ref=None,
+                )
+            )
+            if res.rowcount != 1:
+                return False
+            sw = s.get(Sweep, sweep_id)
+            s.refresh(sw)
+            self.db.add_event(s, sweep_id, "sweep", sweep_summary(s, sw))
+        return True
+
     def start(self, sweep_id: str) -> None:
+        if not self._claim(sweep_id):
+            return
         if self.settings.ray_address:
             self._start_ray_job(sweep_id)
             return
@@ -85,9 +110,9 @@ class Launcher:
         log.info("sweep %s: Ray job %s", sweep_id, job_id)
 
     def _mark_started(self, sweep_id: str, driver: str, ref: str) -> None:
-        self.db.set_status(
-            sweep_id, "running", driver=driver, driver_ref=ref, driver_host=self.host, error=None
-        )
+        with self.db.session() as s:
+            sw = s.get(Sweep, sweep_id)
+            sw.driver, sw.driver_ref, sw.driver_host = driver, ref, self.host
 
     # ---- watching -------------------------------------------------------------------
     def alive(self, sw: Sweep) -> bool:
@@ -182,7 +207,7 @@ def _pid_runs_driver(pid: int, sweep_id: str) -> bool:
     try:
         cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
         return False
     return state != "Z" and b"api.runner" in cmdline and sweep_id.encode() in cmdline
 

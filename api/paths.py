@@ -41,18 +41,21 @@ def path_errors(spec: SweepSpec, roots: list[Path]) -> list[dict[str, str]]:
         for where, value in _values(spec, field):
             if not isinstance(value, str) or value in aliases:
                 continue
-            raw = Path(value).expanduser()
-            looks_like_path = (
-                value.startswith((".", "/", "~"))
-                or ".." in Path(value).parts
-                or field == "dataset"
-                or raw.exists()
-                or not _HUB_ID.match(value)
-            )
-            if not looks_like_path:
-                continue
-            real = raw.resolve()
-            if not any(real == r or real.is_relative_to(r) for r in allowed):
+            try:
+                raw = Path(value).expanduser()
+                looks_like_path = (
+                    value.startswith((".", "/", "~"))
+                    or ".." in Path(value).parts
+                    or field == "dataset"
+                    or raw.exists()
+                    or not _HUB_ID.match(value)
+                )
+                if not looks_like_path:
+                    continue
+                real = raw.resolve()
+            except (RuntimeError, ValueError, OSError):  # ~nouser, NUL bytes, too long
+                real = None
+            if real is None or not any(real == r or real.is_relative_to(r) for r in allowed):
                 shown = ":".join(str(r) for r in roots) or "none configured"
                 errors.append(
                     {

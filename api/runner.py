@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy import select
+
 from api.db import ENDED_TRIAL, TRIAL_FIELDS, Database, Sweep, TrialRow, sweep_summary, trial_dict
 from api.settings import Settings
 
@@ -39,11 +41,21 @@ class Mirror:
 
     def __init__(self, db: Database, sweep_id: str):
         self.db, self.sweep_id = db, sweep_id
-        self.trials: dict[str, dict[str, Any]] = {}
-        self.sweep: dict[str, Any] = {}
+        # What the database holds already (a resumed sweep): no event for unchanged rows.
+        with db.session() as s:
+            rows = s.scalars(select(TrialRow).where(TrialRow.sweep_id == sweep_id)).all()
+            self.trials = {t.id: {k: getattr(t, k) for k in TRIAL_FIELDS} for t in rows}
 
     def __call__(self, state: dict[str, Any]) -> None:
+        """Never raises: a database hiccup must not end the sweep (the next write catches up)."""
+        try:
+            self._write(state)
+        except Exception as e:
+            print(f"database mirror: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _write(self, state: dict[str, Any]) -> None:
         state, now = _finite(state), time.time()
+        seen: dict[str, dict[str, Any]] = {}
         with self.db.session() as s:
             sw = s.get(Sweep, self.sweep_id)
             if sw is None:
@@ -75,7 +87,7 @@ class Mirror:
                 else:
                     kind = "trial_reported"
                 self.db.add_event(s, self.sweep_id, kind, trial_dict(t))
-                self.trials[tid] = {k: row.get(k) for k in TRIAL_FIELDS}
+                seen[tid] = {k: row.get(k) for k in TRIAL_FIELDS}
             ml = state.get("mlflow") or {}
             sw.experiment_id = ml.get("experiment_id") or sw.experiment_id
             sw.parent_run_id = ml.get("parent_run_id") or sw.parent_run_id
@@ -87,12 +99,13 @@ class Mirror:
                     sw.ended = now
             if state.get("best") != sw.best:
                 sw.best, changed = state.get("best"), True
-            if state.get("error") and state.get("error") != sw.error:
-                sw.error, changed = state["error"], True
+            if state.get("error") != sw.error:
+                sw.error, changed = state.get("error"), True
             sw.updated = now
             if changed:
                 s.flush()
                 self.db.add_event(s, self.sweep_id, "sweep", sweep_summary(s, sw))
+        self.trials.update(seen)  # only once committed
 
 
 def _watch_cancel(db: Database, sweep_id: str, rec, stop: threading.Event) -> None:

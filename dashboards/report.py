@@ -152,7 +152,7 @@ def _best_per_k(data: SweepData) -> dict[int, Trial]:
     sign = 1 if data.mode == "max" else -1
     for t in data.trials:
         v = _last(t, data.metric)
-        if v is None:
+        if v is None or t.status == "FAILED":
             continue
         cur = best.get(t.token_expansion)
         if cur is None or sign * v > sign * (_last(cur, data.metric) or -math.inf * sign):
@@ -345,7 +345,7 @@ def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], 
             link = f'<a href="{html.escape(url)}">{t.run_id[:12]}</a>'
         rows.append(
             [
-                html.escape(t.trial_id),
+                t.trial_id,
                 t.status,
                 t.reg_constant,
                 t.token_expansion,
@@ -362,7 +362,7 @@ def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], 
                     )
                 ),
                 link,
-                html.escape(t.error or ""),
+                t.error or "",
             ]
         )
     return head, rows
@@ -420,10 +420,12 @@ def _table(head: list[str], rows: list[list], cls: str = "sortable") -> str:
     for row in rows:
         out.append("<tr>")
         for h, v in zip(head, row, strict=True):
-            attr = f' class="{v}"' if h == "state" else ""
+            attr = f' class="{html.escape(str(v))}"' if h == "state" else ""
             if isinstance(v, float | int) and not isinstance(v, bool):
                 attr += f' data-v="{v}"'
-            out.append(f"<td{attr}>{v if h in ('MLflow run', 'trial', 'error') else _fmt(v)}</td>")
+            # Every cell is escaped but the links this module builds itself.
+            cell = v if h == "MLflow run" else html.escape(_fmt(v))
+            out.append(f"<td{attr}>{cell}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -439,11 +441,11 @@ def _summary(data: SweepData) -> list[list[str]]:
         pick = max if data.mode == "max" else min
         top = pick(best.values(), key=lambda t: _last(t, data.metric))
     rows = [
-        ["sweep", html.escape(data.sweep_id)],
+        ["sweep", data.sweep_id],
         ["parent run", f"{data.parent_run_id} ({data.parent_status})"],
         ["trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"],
         ["objective", f"{data.mode} {data.metric}"],
-        ["tracking", html.escape(data.tracking_uri)],
+        ["tracking", data.tracking_uri],
         ["built", time.strftime("%Y-%m-%d %H:%M:%S %Z")],
     ]
     if top is not None:
@@ -451,7 +453,7 @@ def _summary(data: SweepData) -> list[list[str]]:
             4,
             [
                 "best trial",
-                f"{html.escape(top.trial_id)}: {data.metric} = "
+                f"{top.trial_id}: {data.metric} = "
                 f"{_last(top, data.metric):.4f} at λ = {top.reg_constant:.4g}, "
                 f"k = {top.token_expansion}",
             ],
@@ -585,7 +587,7 @@ def write_compare(sweep_ids: list[str], out: str | Path, tracking_uri: str | Non
     for data in sweeps:
         for k, confs in configurations(data, "val/accuracy").items():
             for r in confs:
-                rows.append([html.escape(data.sweep_id), k, r["lam"], r["mean"], r["half"], r["n"]])
+                rows.append([data.sweep_id, k, r["lam"], r["mean"], r["half"], r["n"]])
     head = ["sweep", "k", "λ", "val/accuracy", "± 95%", "seeds"]
     b64 = base64.b64encode(png).decode()
     page = f"""<!doctype html>

@@ -258,7 +258,7 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     parent = None
     try:
-        rec.update(status="running", pid=os.getpid())
+        rec.update(status="running", pid=os.getpid(), error=None)
         parent = SweepParentRun.open(spec, rec)
         prepare_sources(spec)
         init_ray()
@@ -326,7 +326,13 @@ def _publish_report(rec: SweepRecord, parent: SweepParentRun) -> None:
     try:
         from dashboards.report import publish
 
-        publish(rec.id, rec.path / "report", parent.client.tracking_uri, parent.experiment_id)
+        publish(
+            rec.id,
+            rec.path / "report",
+            parent.client.tracking_uri,
+            parent.experiment_id,
+            os.environ.get("SWEEPER_MLFLOW_UI_URL"),
+        )
     except Exception as e:
         logging.getLogger("sweeper").warning(
             "sweep %s: no report (%s: %s)", rec.id, type(e).__name__, e

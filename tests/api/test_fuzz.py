@@ -437,3 +437,30 @@ def _sse(text: str) -> list[dict[str, str]]:
         if "event" in fields:
             events.append(fields)
     return events
+
+
+# ---- found in review ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body",
+    [
+        "name: x\ntrainer: {model: !!binary L2V0Yw==}\n"  # b"/etc" as YAML bytes
+        "search: {space: {reg_constant: {type: float, low: 0.0, high: 1.0}}}\n",
+        "name: x\ntrainer: {model: '~nouser/x'}\n"
+        "search: {space: {reg_constant: {type: float, low: 0.0, high: 1.0}}}\n",
+        'name: x\ntrainer: {dataset: "a\\0b"}\n'
+        "search: {space: {reg_constant: {type: float, low: 0.0, high: 1.0}}}\n",
+        f"name: x\ntrainer: {{model: {'a' * 300}}}\n"
+        "search: {space: {reg_constant: {type: float, low: 0.0, high: 1.0}}}\n",
+    ],
+    ids=["binary", "no-such-user", "nul", "too-long"],
+)
+def test_odd_model_and_dataset_values_are_422(client, body):
+    r = client.post("/sweeps", content=body, headers={"content-type": "application/yaml"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["path"] in ("trainer.model", "trainer.dataset")
+
+
+@pytest.mark.parametrize("sweep_id", ["%00", "UPPER", "a" * 200])
+def test_ids_that_cannot_exist_are_404(client, sweep_id):
+    assert client.get(f"/sweeps/{sweep_id}").status_code == 404
+    assert client.post(f"/sweeps/{sweep_id}/cancel").status_code == 404

@@ -48,3 +48,11 @@ def test_search_choices_and_points_are_checked_too(tmp_path):
     )
     paths = [e["path"] for e in path_errors(spec, [tmp_path])]
     assert paths == ["search.space.dataset.choices.1", "search.points.0.dataset"]
+
+
+def test_report_cells_are_escaped():
+    from dashboards.report import _table
+
+    page = _table(["trial", "MLflow run"], [["<script>x</script>", '<a href="u">r</a>']])
+    assert "&lt;script&gt;" in page and "<script>" not in page
+    assert '<a href="u">r</a>' in page  # the links the report builds itself stay links
