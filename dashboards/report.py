@@ -523,27 +523,22 @@ def write_report(
     tracking_uri: str | None = None,
     experiment_id: str | None = None,
     mlflow_ui_url: str | None = None,
+    log_to_mlflow: bool = False,
 ) -> Path:
-    """Build the report of one sweep from MLflow into ``out``; returns ``out/report.html``."""
-    data = load_sweep(sweep_id, tracking_uri, experiment_id)
-    return render(data, Path(out), mlflow_ui_url)
+    """Build the report of one sweep from MLflow into ``out``; returns ``out/report.html``.
 
-
-def publish(
-    sweep_id: str,
-    out: str | Path,
-    tracking_uri: str | None = None,
-    experiment_id: str | None = None,
-    mlflow_ui_url: str | None = None,
-) -> Path:
-    """Write the report and log it to the sweep's parent run (artifact folder ``report``)."""
-    from mlflow import MlflowClient
-
+    With ``log_to_mlflow`` it is also logged to the sweep's parent run (folder ``report``).
+    """
     data = load_sweep(sweep_id, tracking_uri, experiment_id)
     path = render(data, Path(out), mlflow_ui_url)
-    client = MlflowClient(data.tracking_uri)
-    client.log_artifacts(data.parent_run_id, str(path.parent), "report")
+    if log_to_mlflow:
+        data.client.log_artifacts(data.parent_run_id, str(path.parent), "report")
     return path
+
+
+def publish(sweep_id: str, out: str | Path, *args, **kwargs) -> Path:
+    """:func:`write_report`, logged to the sweep's parent run."""
+    return write_report(sweep_id, out, *args, **kwargs, log_to_mlflow=True)
 
 
 def write_compare(sweep_ids: list[str], out: str | Path, tracking_uri: str | None = None) -> Path:

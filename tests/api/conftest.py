@@ -165,32 +165,17 @@ def service(tmp_path, _private_cache):
 
 
 @pytest.fixture
-def api_spec(tmp_path):
+def api_spec(tmp_path, tiny_spec):
     """Factory of specs on the tiny model, with the dataset under the allowed root."""
     data = make_dataset(tmp_path / "data")
 
     def make(name: str = "tiny", max_steps: int = 20, trials: int = 2, **sections) -> dict:
-        spec = {
-            "name": name,
-            "trainer": {
-                "model": "tiny-llama",
-                "dataset": str(data),
-                "max_steps": max_steps,
-                "eval_every": 10,
-                "batch_size": 16,
-                "lr": 0.01,
-                "device": "cpu",
-            },
-            "search": {
-                "sampler": "tpe",
-                "seed": 0,
-                "space": {
-                    "reg_constant": {"type": "float", "low": 1e-3, "high": 10.0, "log": True},
-                    "token_expansion": {"type": "categorical", "choices": [1, 2]},
-                },
-            },
-            "budget": {"trials": trials, "max_concurrent": 2},
-        }
+        spec = tiny_spec(
+            name=name,
+            trainer={"dataset": str(data), "max_steps": max_steps},
+            budget={"trials": trials, "max_concurrent": 2},
+        )
+        spec["search"]["space"]["token_expansion"]["choices"] = [1, 2]
         return spec | sections
 
     return make
