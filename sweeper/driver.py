@@ -197,6 +197,20 @@ class StateWriter(tune.Callback):
             if trial.status == Trial.TERMINATED and row.get("status") in ("running", None):
                 done = ran_to_the_end(self.spec, trial)
                 self._put(trial, "finished" if done else "stopped", trial.last_result)
+        # A driver killed (SIGKILL) just after starting a trial, before Tune saved its
+        # experiment state: restored, Tune knows nothing of that trial and proposes its
+        # configuration again as a new one. The old row is "lost", not left unfinished.
+        rec, state = self._rows()
+        known = {t.trial_id for t in trials}
+        lost = [
+            tid
+            for tid, row in state["trials"].items()
+            if tid not in known and row["status"] in ("running", "retrying", "paused")
+        ]
+        if lost:
+            for tid in lost:
+                state["trials"][tid]["status"] = "lost"
+            rec.write(state)
 
 
 class CancelStopper(Stopper):

@@ -156,13 +156,22 @@ def test_a_killed_driver_is_interrupted_and_resume_finishes_without_rerunning(
     done = svc.wait(sid, lambda s: s["status"] in FINAL, timeout=300)
     assert done["status"] == "succeeded", svc.driver_log(sid)
     after = {t["id"]: t for t in svc.trials(sid)}
-    assert len(after) == 4 and {t["status"] for t in after.values()} == {"finished"}
+    finished = [t for t in after.values() if t["status"] == "finished"]
+    # A trial started just before the kill, after Tune's last snapshot, is unknown to the
+    # restored Tune: it is marked lost and its configuration runs again as a new trial.
+    lost = [t for t in after.values() if t["status"] == "lost"]
+    assert len(finished) == 4 and len(finished) + len(lost) == len(after), after
+    assert all(t["step"] is None or t["step"] < 200 for t in lost)
     for tid, t in before.items():
         if t["status"] == "finished":  # not run again: same end time
             assert after[tid]["ended"] == t["ended"]
     runs, parent = _runs(svc, done)
-    assert len(runs) == 4  # no trial got a second MLflow run
-    assert {r.info.status for r in runs} == {"FINISHED"} and parent.info.status == "FINISHED"
+    # no trial got a second MLflow run: one FINISHED run per finished trial
+    assert sorted(r.info.run_id for r in runs if r.info.status == "FINISHED") == sorted(
+        t["mlflow_run_id"] for t in finished
+    )
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert parent.info.status == "FINISHED"
 
 
 def _driver_pid(svc, sweep_id: str) -> int:
