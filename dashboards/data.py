@@ -21,21 +21,9 @@ import numpy as np
 import yaml
 from mlflow import MlflowClient
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 from sweeper.spec import SweepSpec
 
-CURVES = (
-    "train/loss_lm",
-    "train/loss_reg",
-    "train/loss_total",
-    "train/reg_constant",
-    "train/grad_norm_lm",
-    "train/grad_norm_reg",
-    "val/accuracy",
-    "val/loss_lm",
-    "val/loss_reg",
-)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class ReportError(Exception):
@@ -94,7 +82,7 @@ class SweepData:
     trials: list[Trial]
     client: MlflowClient | None = None
 
-    def load_histories(self, trials: list[Trial], keys: tuple[str, ...] = CURVES) -> None:
+    def load_histories(self, trials: list[Trial], keys: tuple[str, ...]) -> None:
         """Fill ``history`` of these trials (at most ``max_points`` per key, evenly spaced)."""
         todo = [t for t in trials if not t.history]
         if not todo or self.client is None:
