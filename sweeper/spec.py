@@ -107,6 +107,11 @@ class Search(BaseModel):
                 p.distribution()  # Optuna's own checks, in Optuna's words
             except ValueError as e:
                 raise ValueError(f"space.{name}: {e}") from None
+            except ArithmeticError:  # Optuna's decimal arithmetic on an extreme step
+                raise ValueError(
+                    f"space.{name}: Optuna cannot divide the range {p.low}..{p.high} into "
+                    f"steps of {p.step}"
+                ) from None
         if self.sampler == "grid":
             bad = [n for n, p in self.space.items() if not isinstance(p, CategoricalParam)]
             if bad:
@@ -164,6 +169,15 @@ class Resources(BaseModel):
     model_config = _STRICT
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0, description="Per trial; fractions share a GPU.")
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Per trial, optional: reserved from Ray's `memory` resource when trials are "
+            "placed, and a cap on the trial's memory growth; a trial that needs more ends "
+            "FAILED with an 'out of memory' reason and the sweep goes on."
+        ),
+    )
 
 
 class Failure(BaseModel):

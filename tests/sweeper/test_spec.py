@@ -158,6 +158,11 @@ def test_points_must_be_valid_trainer_values(tiny_spec):
             {"trials": 3},
             "budget.trials: 3 is more than the grid's 2 points",
         ),
+        (  # found by the API fuzzer: Optuna's decimal arithmetic gave up (was a 500)
+            {"space": {"reg_constant": {"type": "float", "low": 0, "high": 1, "step": 8e-118}}},
+            None,
+            f"{SPACE}.reg_constant: Optuna cannot divide the range 0.0..1.0",
+        ),
     ],
 )
 def test_specs_that_would_break_the_driver_are_refused(tiny_spec, search, budget, line):
