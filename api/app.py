@@ -28,10 +28,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sse_starlette.sse import EventSourceResponse
 
-from api.db import Database, EventRow, Sweep, TrialRow, sweep_summary, trial_dict
+from api.db import (
+    Database,
+    EventRow,
+    Sweep,
+    TrialRow,
+    db_error_text,
+    db_unavailable,
+    sweep_summary,
+    trial_dict,
+)
 from api.launcher import Launcher
 from api.metrics import render_metrics
 from api.paths import path_errors
@@ -53,6 +63,8 @@ EXAMPLE_SPEC = (
 MAX_INT64 = 2**63 - 1
 _SWEEP_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+# Seconds a client is told to wait (Retry-After) when the database is unreachable.
+DB_RETRY_AFTER_S = 5
 
 
 # ---- response models (the OpenAPI schema) ----------------------------------------------
@@ -120,6 +132,8 @@ class TrialOut(BaseModel):
     step: int | None = None
     metrics: dict[str, float | None]
     mlflow_run_id: str | None = None
+    node: str | None = Field(None, description="The Ray node id the trial last ran on.")
+    error: str | None = Field(None, description="Why a failed trial failed.")
     started: float | None = None
     ended: float | None = None
 
@@ -191,11 +205,21 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
     wake = asyncio.Event()
 
     async def scheduler() -> None:
+        down_since: float | None = None  # the database outage the scheduler is riding out
         while True:
             try:
                 await asyncio.to_thread(launcher.reconcile)
-            except Exception:
-                log.exception("reconcile failed")
+                if down_since is not None:
+                    log.warning(
+                        "scheduler: database back after %.1f s", time.monotonic() - down_since
+                    )
+                    down_since = None
+            except Exception as e:
+                if not db_unavailable(e):
+                    log.exception("reconcile failed")
+                elif down_since is None:  # once per outage; it retries every interval
+                    down_since = time.monotonic()
+                    log.warning("scheduler: database unavailable (%s); retrying", db_error_text(e))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), settings.reconcile_interval_s)
             wake.clear()
@@ -221,7 +245,14 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
         summary="Hyperparameter sweeps for multimodal-LLM projector regularisation research.",
         description=__doc__,
         lifespan=lifespan,
-        responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}},
+        responses={
+            401: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            503: {
+                "model": ErrorBody,
+                "description": "The database is unreachable; retry after `Retry-After` seconds.",
+            },
+        },
     )
     app.state.db, app.state.settings, app.state.launcher = db, settings, launcher
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -246,9 +277,41 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
         ]
         return JSONResponse({"detail": items}, status_code=422)
 
+    logged_503 = [-math.inf, 0]  # when a 503 was last logged, and how many since
+
+    def _db_down(exc: Exception) -> JSONResponse:
+        detail = f"database unavailable: {db_error_text(exc)}"
+        # One line (no traceback: an outage is not a bug), at most every 10 s.
+        now = time.monotonic()
+        if now - logged_503[0] >= 10:
+            more = f" (and {logged_503[1]} more 503s before)" if logged_503[1] else ""
+            log.warning("503 %s%s", detail, more)
+            logged_503[:] = [now, 0]
+        else:
+            logged_503[1] += 1
+        return JSONResponse(
+            {"detail": detail},
+            status_code=503,
+            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+        )
+
+    @app.exception_handler(DBAPIError)  # OperationalError and InterfaceError among them
+    async def _db_error(request: Request, exc: DBAPIError):
+        if not db_unavailable(exc):
+            raise exc  # a bug (a bad query, a constraint): a 500 with its traceback
+        return _db_down(exc)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout):
+        return _db_down(exc)
+
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:
-        """Liveness and database reachability; needs no token."""
+        """Liveness and database reachability; needs no token.
+
+        200 ``{"status": "ok"}`` once a ``SELECT 1`` answers; 503 with ``Retry-After``
+        and ``{"detail": "database unavailable: ..."}`` while the database is unreachable.
+        """
         with db.session() as s:
             s.execute(select(1))
         return {"status": "ok"}
@@ -563,8 +626,28 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
 
         async def stream():
             nonlocal cursor
+            pause = 0.5
             while True:
-                rows, status = await asyncio.to_thread(fetch, cursor)
+                try:
+                    rows, status = await asyncio.to_thread(fetch, cursor)
+                except Exception as e:
+                    if not db_unavailable(e):
+                        raise
+                    # The database went away mid-stream: keep the stream (and its pings)
+                    # open and read on from the same cursor once it is back, so a client
+                    # sees neither a gap nor a repeat.
+                    if pause == 0.5:  # once per outage
+                        log.warning(
+                            "events %s: database unavailable (%s); waiting",
+                            sweep_id,
+                            db_error_text(e),
+                        )
+                    if await request.is_disconnected():
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, DB_RETRY_AFTER_S)
+                    continue
+                pause = 0.5
                 for eid, kind, data in rows:
                     cursor = eid
                     yield {"id": str(eid), "event": kind, "data": json.dumps(data)}

@@ -25,6 +25,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -71,6 +73,8 @@ class TrialRow(Base):
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -94,8 +98,12 @@ TRIAL_FIELDS = (
     "step",
     "metrics",
     "mlflow_run_id",
+    "node",
+    "error",
 )
 ENDED_TRIAL = ("finished", "stopped", "failed")
+POOL_RECYCLE_S = 1800
+CONNECT_TIMEOUT_S = 10
 
 
 class Database:
@@ -103,13 +111,22 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
+        # pre_ping: a pooled connection the server (or a network blip) dropped is replaced
+        # at checkout instead of failing the request; recycle: no connection outlives a
+        # firewall's or PgBouncer's idle cut-off.
         kw: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
             kw["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kw["pool_recycle"] = POOL_RECYCLE_S
+        if url.startswith("postgresql") and "connect_timeout" not in url:
+            # an unreachable host fails in seconds instead of hanging the caller
+            kw["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         self.engine: Engine = create_engine(url, **kw)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -169,6 +186,49 @@ def trial_dict(t: TrialRow) -> dict[str, Any]:
     out = {"id": t.id, **{k: getattr(t, k) for k in TRIAL_FIELDS}}
     out["started"], out["ended"] = t.started, t.ended
     return out
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add the nullable columns a newer version brought to a database an older one made.
+
+    ``create_all`` makes missing tables only; this is the one upgrade step there is.
+    """
+    from sqlalchemy import inspect
+
+    have = inspect(engine)
+    with engine.begin() as c:
+        for table in Base.metadata.sorted_tables:
+            present = {col["name"] for col in have.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in present and col.nullable:
+                    kind = col.type.compile(dialect=engine.dialect)
+                    add = f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}'
+                    if engine.dialect.name == "postgresql":  # another process may be first
+                        add = add.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
+                    c.exec_driver_sql(add)
+
+
+def db_unavailable(exc: BaseException) -> bool:
+    """Is ``exc`` the database being unreachable (down, restarting, connection dropped)?
+
+    SQLAlchemy's ``OperationalError`` and ``InterfaceError`` (refused or lost connections,
+    a server shutting down), any DBAPI error that invalidated its connection, and a pool
+    that found no connection in time. SQLite raises ``OperationalError`` for schema bugs
+    too ("no such table"): only its busy, locked and cannot-open errors count.
+    """
+    if isinstance(exc, OperationalError) and type(exc.orig).__module__.startswith("sqlite3"):
+        text = str(exc.orig).lower()
+        return any(w in text for w in ("locked", "busy", "unable to open", "disk i/o"))
+    if isinstance(exc, OperationalError | InterfaceError | SATimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def db_error_text(exc: BaseException) -> str:
+    """One line about a database error, without SQLAlchemy's statement and link."""
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split())[:300]
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from api.db import Database, Sweep, TrialRow, sweep_summary
+from api.db import Database, Sweep, TrialRow, db_unavailable, sweep_summary
 from api.settings import Settings
 
 log = logging.getLogger("sweeper.api")
@@ -118,9 +118,10 @@ class Launcher:
     def alive(self, sw: Sweep) -> bool:
         if sw.driver == "ray-job":
             return self._job_alive(sw.driver_ref)
-        if not sw.driver_ref:
-            return False
         proc = self.procs.get(sw.id)
+        if not sw.driver_ref:
+            # Started here, but the database went away before its pid was recorded.
+            return proc is not None and proc.poll() is None
         if proc is not None and str(proc.pid) == sw.driver_ref:
             return proc.poll() is None
         if sw.driver_host and sw.driver_host != self.host:
@@ -158,6 +159,8 @@ class Launcher:
             try:
                 self.start(sweep_id)
             except Exception as e:
+                if db_unavailable(e):
+                    raise  # not the sweep's fault: the scheduler retries when the database is back
                 log.exception("sweep %s: driver did not start", sweep_id)
                 self.db.set_status(sweep_id, "failed", error=f"driver did not start: {e}")
 

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         1.0, gt=0, description="How often the service checks drivers and starts queued sweeps."
     )
+    mirror_flush_timeout_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long a driver whose sweep has ended waits for an unreachable "
+        "database to take the sweep's last state before it exits anyway.",
+    )
 
     def db_url(self) -> str:
         if self.database_url:

@@ -91,6 +91,12 @@ class SweeperClient:
                     params={"after": last},
                     timeout=httpx.Timeout(30.0, read=60.0),
                 ) as r:
+                    if r.status_code == 503 and failures < 60:  # its database is away: wait
+                        r.read()
+                        failures += 1
+                        wait_s = r.headers.get("retry-after", "")
+                        time.sleep(min(int(wait_s), 10) if wait_s.isdigit() else 1.0)
+                        continue
                     if r.status_code >= 400:
                         r.read()
                         raise ServiceError(r.status_code, _error_lines(r))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,8 +22,17 @@ from ray.tune.stopper import Stopper
 
 from sweeper.search import make_searcher
 from sweeper.spec import SweepSpec
+from sweeper.storage import atomic_local_fs
 from sweeper.store import LISTENERS, SweepRecord
-from sweeper.tracking import MlflowTrialLogger, SweepParentRun
+from sweeper.tracking import (
+    WRITES,
+    MlflowTrialLogger,
+    SweepParentRun,
+    error_text,
+    limit_mlflow_http_retries,
+    mlflow_retry_s,
+    with_retries,
+)
 from trainer.config import TrainerConfig
 from trainer.loop import VAL_METRICS, question_slug
 
@@ -44,8 +54,63 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 
     cfg = trial_config(spec, config)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    with tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
-        _run_trial(cfg, Path(tmp))
+    limit = spec.resources.memory_gb
+    cap = limit if not spec.resources.gpu else None  # CUDA maps far more than it uses
+    try:
+        with memory_cap(cap), tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
+            _run_trial(cfg, Path(tmp))
+    except (MemoryError, RuntimeError) as e:
+        oom = _out_of_memory(e, limit)
+        if oom is e:
+            raise
+        raise oom from e
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The trial ran out of memory: its ``resources.memory_gb`` cap, the host's or the GPU's."""
+
+
+def _out_of_memory(e: BaseException, limit_gb: float | None) -> BaseException:
+    """A clear reason for an allocation failure; any other error is returned as it is."""
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    gpu = type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+    cpu = isinstance(e, MemoryError) or "can't allocate memory" in text
+    if gpu:
+        return TrialOutOfMemory(
+            f"out of GPU memory ({text}); lower batch_size or token_expansion, "
+            "or give each trial more of a GPU (resources.gpu)"
+        )
+    if cpu:
+        cap = f"its cap resources.memory_gb={limit_gb:g}" if limit_gb else "the host's memory"
+        return TrialOutOfMemory(f"out of memory: the trial needed more than {cap} ({text})")
+    return e
+
+
+@contextlib.contextmanager
+def memory_cap(limit_gb: float | None):
+    """Cap the trial's memory growth at ``limit_gb`` over what its worker holds now.
+
+    The cap is an address-space limit (``RLIMIT_AS``) on the worker process, so an
+    allocation past it fails at once (``MemoryError``, or torch's "can't allocate
+    memory") instead of the host swapping or the kernel's OOM killer picking a victim.
+    It is lifted again when the trial ends: Tune reuses worker processes.
+    """
+    if not limit_gb:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * resource.getpagesize()
+    cap = size + int(limit_gb * 2**30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> TrainerConfig:
@@ -61,15 +126,27 @@ def _run_trial(cfg: TrainerConfig, work: Path) -> None:
     if restored is not None:
         restored.to_directory(str(work / "checkpoint"))
     history: list[tuple[int, dict[str, float]]] = []
+    first: list[int] = []  # the first step this process trains: a resumed trial's is past 1
 
     def report(step: int, metrics: dict[str, float]) -> None:
+        first[:] = first or [step]
         history.append((step, {k: v for k, v in metrics.items() if k.startswith("train/")}))
         if not any(k.startswith("val/") for k in metrics):
             return
         ckpt = None
         if (work / "checkpoint").is_dir():
             ckpt = Checkpoint.from_directory(str(work / "checkpoint"))
-        tune.report({"step": step, **metrics, "history": list(history)}, checkpoint=ckpt)
+        node = ray.get_runtime_context().get_node_id()
+        tune.report(
+            {
+                "step": step,
+                **metrics,
+                "history": list(history),
+                "node_id": node,
+                "resumed_from_step": first[0] - 1,
+            },
+            checkpoint=ckpt,
+        )
         history.clear()
 
     train(cfg, report, checkpoint_dir=work)
@@ -153,21 +230,36 @@ class StateWriter(tune.Callback):
         if result:
             row["step"] = result.get("step")
             row["pid"] = result.get("pid")  # the worker process: trials reuse it
+            row["node"] = result.get("node_id")  # the Ray node it ran on
+            row["resumed_from_step"] = result.get("resumed_from_step")  # > 0: from a checkpoint
             last_train = result["history"][-1][1] if result.get("history") else {}
             val = {k: v for k, v in result.items() if k in VAL_METRICS}
             row["metrics"] = last_train | val
         return row
 
-    def _put(self, trial: Trial, status: str, result: dict | None = None, force=True) -> None:
+    def _put(
+        self,
+        trial: Trial,
+        status: str,
+        result: dict | None = None,
+        force: bool = True,
+        error: str | None = None,
+    ) -> None:
         now = time.monotonic()
         if not force and now - self._last_write < 1.0:
             return
         rec, state = self._rows()
         old = state["trials"].get(trial.trial_id, {})
+        if old.get("status") == "finished":
+            # Finished before the driver was killed, but after Tune's last snapshot: the
+            # restored Tune reruns it from its final checkpoint, which only reports the
+            # final evaluation again. The row stays as it was.
+            return
         row = self._row(trial, status, result)
         if result is None:  # keep the last step and metrics seen
             row = old | row
         row["metrics"] = (old.get("metrics") or {}) | (row.get("metrics") or {})
+        row["error"] = error
         state["trials"][trial.trial_id] = row
         state["updated"] = time.time()
         rec.write(state)
@@ -187,7 +279,7 @@ class StateWriter(tune.Callback):
         self._put(trial, "retrying")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._put(trial, "failed", trial.last_result)
+        self._put(trial, "failed", trial.last_result, error=error_text(trial))
 
     def on_experiment_end(self, trials, **info):
         # A time budget ends trials without on_trial_complete: settle them here.
@@ -210,6 +302,16 @@ class StateWriter(tune.Callback):
         if lost:
             for tid in lost:
                 state["trials"][tid]["status"] = "lost"
+        # A run created late (MLflow was down when its trial started, or the whole trial
+        # through): the logger has waited for its writes, so its id is known now.
+        late = {
+            tid: self.mlflow_logger.run_ids[tid]
+            for tid, row in state["trials"].items()
+            if not row.get("mlflow_run_id") and tid in self.mlflow_logger.run_ids
+        }
+        for tid, run_id in late.items():
+            state["trials"][tid]["mlflow_run_id"] = run_id
+        if lost or late:
             rec.write(state)
 
 
@@ -270,37 +372,67 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     # The CLI draws its own trial table: Tune's reporter (its config box) stays quiet.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # An MLflow outage is ridden out by the logger's buffer, not by MLflow's own retries,
+    # which would hold a write for minutes.
+    limit_mlflow_http_retries()
     parent = None
     try:
         rec.update(status="running", pid=os.getpid(), error=None)
         parent = SweepParentRun.open(spec, rec)
         prepare_sources(spec)
         init_ray()
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec),
-            {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-        )
-        if resume and tune.Tuner.can_restore(str(rec.tune_dir)):
-            tuner = tune.Tuner.restore(str(rec.tune_dir), trainable, resume_unfinished=True)
+        need = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+        if spec.resources.memory_gb:
+            need["memory"] = int(spec.resources.memory_gb * 2**30)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), need)
+        fs = atomic_local_fs()
+        if resume and tune.Tuner.can_restore(str(rec.tune_dir), storage_filesystem=fs):
+            tuner = tune.Tuner.restore(
+                str(rec.tune_dir), trainable, resume_unfinished=True, storage_filesystem=fs
+            )
         else:
             tuner = _new_tuner(spec, rec, trainable, parent)
         tuner.fit()
         return _finish(spec, rec, parent)
     except KeyboardInterrupt:  # before Tune took over the signal: nothing ran, nothing lost
-        if parent is not None:
-            parent.end("KILLED")
+        _end_parent(parent, "KILLED")
         rec.update(status="interrupted", pid=None)
         raise
     except BaseException as e:
         (rec.path / "error.log").write_text(traceback.format_exc())
-        if parent is not None:
-            parent.end("FAILED")
+        _end_parent(parent, "FAILED")
         rec.update(status="failed", error=f"{type(e).__name__}: {e}", pid=None)
         raise
 
 
+def _end_parent(parent: SweepParentRun | None, status: str) -> None:
+    """Close the parent run on the way out of an error: a short wait for MLflow at most, and
+    an MLflow problem here never hides the error being reported."""
+    if parent is None:
+        return
+    parent.until = time.monotonic() + min(30.0, mlflow_retry_s())
+    try:
+        parent.end(status)
+    except Exception as e:
+        logging.getLogger("sweeper").warning(
+            "parent run %s not closed: %s: %s", parent.run_id, type(e).__name__, e
+        )
+
+
 def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[str, Any]:
-    """Classify the ended sweep, log the best configuration, close the parent run."""
+    """Classify the ended sweep, log the best configuration, close the parent run.
+
+    The trial runs' MLflow writes are done by now (the logger waited for them at the
+    experiment's end); the parent's writes wait out a short outage too. If MLflow stayed
+    unreachable, the sweep says so in ``error`` and ends ``failed`` (``interrupted`` and
+    ``cancelled`` stay as they are): ``sweeper resume ID`` writes what is missing.
+    """
+    writes = WRITES.pop(rec.id, None)
+    lost = _mlflow_lost(rec, writes)
+    parent.until = time.monotonic() + mlflow_retry_s()
+    parent.offline = bool(lost)  # one try per parent write: MLflow has had its wait
+    if writes is not None:
+        rec.update(mlflow_writes=writes, **({"error": lost} if lost else {}))
     state = rec.read()
     rows = state["trials"]
     if rec.cancel_file.exists():
@@ -326,7 +458,9 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
         return rec.update(status="interrupted", trials=rows, best=best, pid=None)
     parent.log_best(best)
     _publish_report(rec, parent)
-    parent.end("FINISHED" if best else "FAILED")
+    parent.end("FINISHED" if best and not lost else "FAILED")
+    if lost:
+        return rec.update(status="failed", best=best, error=lost, pid=None)
     if best:
         return rec.update(status="succeeded", best=best, pid=None)
     why = f"no trial reported {spec.objective.metric}"
@@ -335,17 +469,40 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
     return rec.update(status="failed", best=None, error=why, pid=None)
 
 
+def _mlflow_lost(rec: SweepRecord, writes: dict[str, Any] | None) -> str | None:
+    """Why the sweep's MLflow record is incomplete, or None when every write got there."""
+    if not writes or writes.get("drained", True):
+        return None
+    return (
+        f"MLflow at {(rec.read().get('mlflow') or {}).get('tracking_uri', '?')} unreachable: "
+        f"{writes['unwritten']} writes ({writes['unwritten_points']} metric points) for "
+        f"{writes['unwritten_runs']} trial runs not written: none got through in "
+        f"{writes['waited_up_to_s']:g} s (SWEEPER_MLFLOW_RETRY_S); last error: "
+        f"{writes['last_error']}. The trials ran; `sweeper resume {rec.id}` writes the rest "
+        "once MLflow is back."
+    )
+
+
 def _publish_report(rec: SweepRecord, parent: SweepParentRun) -> None:
-    """The sweep's report, logged to its parent run; a report problem never fails a sweep."""
+    """The sweep's report, logged to its parent run; a report problem never fails a sweep.
+
+    It reads the trials' curves from MLflow and logs files there: a transient MLflow error
+    is tried again (like the parent's other writes) before the report is given up.
+    """
+    if parent.offline:
+        logging.getLogger("sweeper").warning("sweep %s: no report (MLflow unreachable)", rec.id)
+        return
     try:
         from dashboards.report import publish
 
-        publish(
+        with_retries(
+            publish,
             rec.id,
             rec.path / "report",
             parent.client.tracking_uri,
             parent.experiment_id,
             os.environ.get("SWEEPER_MLFLOW_UI_URL"),
+            until=parent.until,
         )
     except Exception as e:
         logging.getLogger("sweeper").warning(
@@ -392,6 +549,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
         run_config=RunConfig(
             name=rec.tune_dir.name,
             storage_path=str(rec.path),
+            storage_filesystem=atomic_local_fs(),  # a killed driver leaves no torn file
             callbacks=[logger, StateWriter(str(rec.path), spec, logger)],
             stop=CancelStopper(str(rec.cancel_file)),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),

@@ -30,13 +30,18 @@ def _free_port() -> int:
 def db_url(request, tmp_path):
     """The service database: a SQLite file, or a fresh schema in the local PostgreSQL."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'service.db'}"
-        return
+        return f"sqlite:///{tmp_path / 'service.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh schema in the local PostgreSQL (``SWEEPER_TEST_PG_URL``), dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    schema = f"sweeper_test_{secrets.token_hex(4)}"
     admin = create_engine(PG_URL)
-    with admin.begin() as c:
+    schema = f"sweeper_fault_{secrets.token_hex(4)}"
+    with admin.begin() as c:  # no PostgreSQL is a failure, not a skip: CI has one
         c.execute(text(f"CREATE SCHEMA {schema}"))
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
     with admin.begin() as c:
