@@ -100,7 +100,8 @@ def train(
     def report(step: int, m: dict[str, float]) -> None:
         if tracker is not None:
             tracker(step, m)
-        status = f"lm {m['train/loss_lm']:.3f}  reg {m['train/loss_reg']:.3f}"
+        lm = f"lm {m['train/loss_lm']:.3f}" if "train/loss_lm" in m else "autoencoder stage"
+        status = f"{lm}  reg {m['train/loss_reg']:.3f}"
         if "val/accuracy" in m:
             progress.console.print(
                 f"step {step}: val/accuracy {m['val/accuracy']:.3f}  "

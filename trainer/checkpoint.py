@@ -16,7 +16,9 @@ WEIGHTS = "weights.safetensors"
 _RUNTIME_FIELDS = {"device", "precision", "eval_every", "eval_examples", "checkpoint_every"}
 
 
-def save_checkpoint(directory: Path, step: int, projector, head, opt, sched, cfg: TrainerConfig):
+def save_checkpoint(
+    directory: Path, step: int, projector, head, opt, sched, cfg: TrainerConfig, balance=None
+):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ".checkpoint.tmp"
@@ -24,6 +26,8 @@ def save_checkpoint(directory: Path, step: int, projector, head, opt, sched, cfg
     tmp.mkdir()
     tensors = {f"projector.{k}": v.contiguous() for k, v in projector.state_dict().items()}
     tensors |= {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    if balance is not None:
+        tensors |= {f"balance.{k}": v.contiguous() for k, v in balance.state_dict().items()}
     save_file(tensors, tmp / WEIGHTS, metadata={"step": str(step)})
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(
@@ -39,7 +43,9 @@ def save_checkpoint(directory: Path, step: int, projector, head, opt, sched, cfg
     return final
 
 
-def load_checkpoint(directory: Path, projector, head, opt, sched, cfg: TrainerConfig) -> int | None:
+def load_checkpoint(
+    directory: Path, projector, head, opt, sched, cfg: TrainerConfig, balance=None
+) -> int | None:
     """Restore into the given objects; returns the checkpoint's step, or None if there is none."""
     path = directory / "checkpoint"
     if not (path / "state.json").is_file():
@@ -58,6 +64,8 @@ def load_checkpoint(directory: Path, projector, head, opt, sched, cfg: TrainerCo
     tensors = load_file(path / WEIGHTS)
     projector.load_state_dict(_strip(tensors, "projector."))
     head.load_state_dict(_strip(tensors, "head."))
+    if balance is not None:
+        balance.load_state_dict(_strip(tensors, "balance."))
     optim = torch.load(path / "optim.pt", weights_only=True)
     opt.load_state_dict(optim["optimizer"])
     sched.load_state_dict(optim["scheduler"])

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class TrainerConfig(BaseModel):
@@ -43,6 +51,28 @@ class TrainerConfig(BaseModel):
         le=64,
         description="k: LLM token embeddings produced per image embedding.",
     )
+    reg_schedule: Literal["constant", "warmup", "cosine_decay", "ae_stage"] = Field(
+        "constant",
+        description="How λ moves over training. 'constant': λ throughout. 'warmup': 0 rising "
+        "linearly to λ over reg_schedule_steps. 'cosine_decay': λ at the start, decaying "
+        "along a half cosine to 0 at max_steps. 'ae_stage': an autoencoder stage first: for "
+        "reg_schedule_steps steps the projector and head train on the reconstruction loss "
+        "alone (no LM forward, no train/loss_lm), then λ constant with the LM loss on, as "
+        "BLIP-2 trains its bridge before the LLM sees it.",
+    )
+    reg_balance: Literal["none", "running_mean", "uncertainty"] = Field(
+        "none",
+        description="Weights on the two losses before λ: 'none'; 'running_mean' divides each "
+        "loss by a stop-gradient running mean of itself; 'uncertainty' learns Kendall et "
+        "al.'s weights ½·exp(−s) per loss. The weights are logged as train/balance_lm and "
+        "train/balance_reg.",
+    )
+    reg_schedule_steps: int = Field(
+        0,
+        ge=0,
+        description="Length of the 'warmup' ramp or of the 'ae_stage' (steps); 0: 10% of "
+        "max_steps.",
+    )
 
     # --- projector and reconstruction head ---------------------------------------------
     projector_hidden: int | None = Field(
@@ -50,6 +80,16 @@ class TrainerConfig(BaseModel):
         ge=1,
         description="Hidden width of the mlp2x_gelu projector; default the LM hidden size "
         "(LLaVA's choice).",
+    )
+    projector: Literal["mlp", "mlp_residual", "moe"] = Field(
+        "mlp",
+        description="'mlp': LLaVA's mlp2x_gelu. 'mlp_residual': plus a linear path carrying "
+        "the embedding itself. 'moe': projector_experts mlp2x_gelu experts, top-2 routing, "
+        "its load-balancing loss (weight moe_aux_weight) logged as train/moe_aux_loss.",
+    )
+    projector_experts: int = Field(4, ge=2, le=64, description="Experts of the 'moe' projector.")
+    moe_aux_weight: float = Field(
+        0.01, ge=0.0, description="Weight of the 'moe' projector's load-balancing loss."
     )
     recon_head: Literal["linear", "mlp"] = Field(
         "linear",
@@ -109,6 +149,31 @@ class TrainerConfig(BaseModel):
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', but got {v!r}")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainerConfig:
+        if self.reg_schedule == "ae_stage" and self.schedule_steps() >= self.max_steps:
+            raise ValueError(
+                f"reg_schedule_steps: the autoencoder stage ({self.schedule_steps()} steps) "
+                f"must end before max_steps ({self.max_steps}), or the LM loss never trains"
+            )
+        return self
+
+    def schedule_steps(self) -> int:
+        """The λ ramp's or the autoencoder stage's length in steps."""
+        return self.reg_schedule_steps or max(1, math.ceil(0.1 * self.max_steps))
+
+    def reg_weight(self, step: int) -> float:
+        """λ at ``step`` (1-based) under ``reg_schedule``."""
+        lam, n = self.reg_constant, self.schedule_steps()
+        if self.reg_schedule == "warmup":
+            return lam * min(1.0, step / n)
+        if self.reg_schedule == "cosine_decay":
+            return lam * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, self.max_steps - 1)))
+        return lam
+
+    def in_ae_stage(self, step: int) -> bool:
+        return self.reg_schedule == "ae_stage" and step <= self.schedule_steps()
 
     @field_validator("betas")
     @classmethod

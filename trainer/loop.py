@@ -18,6 +18,7 @@ from trainer.config import TrainerConfig
 from trainer.data import Dataset, load_dataset
 from trainer.model import (
     Batch,
+    LossBalance,
     Projector,
     PromptCache,
     ReconHead,
@@ -173,18 +174,31 @@ def train(
     val_groups = QuestionGroups(val_examples, prompts, device)
 
     torch.manual_seed(cfg.seed)
-    projector = Projector(data.dim, lm_dim, cfg.token_expansion, cfg.projector_hidden).to(device)
+    projector = Projector(
+        data.dim,
+        lm_dim,
+        cfg.token_expansion,
+        cfg.projector_hidden,
+        kind=cfg.projector,
+        experts=cfg.projector_experts,
+    ).to(device)
     head = ReconHead(lm_dim, cfg.token_expansion, data.dim, cfg.recon_head).to(device)
+    balance = LossBalance(cfg.reg_balance).to(device)
     proj_params = list(projector.parameters())
     params = proj_params + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        params + list(balance.parameters()),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+    )
     sched = _scheduler(opt, cfg)
     answer_logits = answer_logits_fast if cfg.lm_path == "fast" else answer_logits_reference
 
     start, ckpt = 0, None
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir)
-        start = load_checkpoint(ckpt, projector, head, opt, sched, cfg) or 0
+        start = load_checkpoint(ckpt, projector, head, opt, sched, cfg, balance) or 0
 
     def autocast():
         if amp is None:
@@ -228,50 +242,77 @@ def train(
         metrics = evaluate()
         if report is not None:
             report(start, metrics)
-    lam = cfg.reg_constant
     for step in range(start + 1, cfg.max_steps + 1):
+        lam = cfg.reg_weight(step)
+        ae = cfg.in_ae_stage(step)  # reconstruction alone: the LM is not run
         batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb)
         with autocast():
             tokens = projector(batch.embeddings)
             loss_reg = reg_loss(head(tokens), batch.embeddings).mean()
-            loss_lm = lm_loss(answer_logits(lm, prompts, batch, tokens), batch)
-        if not (torch.isfinite(loss_lm) and torch.isfinite(loss_reg)):
+            loss_lm = None if ae else lm_loss(answer_logits(lm, prompts, batch, tokens), batch)
+        if not (torch.isfinite(loss_reg) and (ae or torch.isfinite(loss_lm))):
             raise FloatingPointError(
-                f"non-finite loss at step {step}: loss_lm={loss_lm.item()}, "
-                f"loss_reg={loss_reg.item()}"
+                f"non-finite loss at step {step}: "
+                f"loss_lm={None if ae else loss_lm.item()}, loss_reg={loss_reg.item()}"
             )
-        # Each loss's own gradient on the projector, so a user sees which one dominates:
-        # the reg gradient first (its graph is small), then the LM's by backward().
-        g_reg = torch.autograd.grad(loss_reg, params, retain_graph=True, allow_unused=True)
         opt.zero_grad(set_to_none=True)
-        loss_lm.backward()
-        grad_norm_lm = _norm([p.grad for p in proj_params])
-        grad_norm_reg = _norm(g_reg[: len(proj_params)])
-        for p, g in zip(params, g_reg, strict=True):
-            if g is not None:
-                p.grad = lam * g if p.grad is None else p.grad.add_(g, alpha=lam)
+        if ae:
+            loss_reg.backward()
+            grad_norm_reg = _norm([p.grad for p in proj_params])
+        else:
+            # Each loss's own gradient on the projector, so a user sees which one dominates:
+            # the reg gradient first (its graph is small), then the LM's by backward().
+            g_reg = torch.autograd.grad(loss_reg, params, retain_graph=True, allow_unused=True)
+            aux = projector.aux_loss
+            g_aux = (
+                torch.autograd.grad(aux, params, retain_graph=True, allow_unused=True)
+                if aux is not None and cfg.moe_aux_weight
+                else None
+            )
+            loss_lm.backward()
+            grad_norm_lm = _norm([p.grad for p in proj_params])
+            grad_norm_reg = _norm(g_reg[: len(proj_params)])
+            w_lm, w_reg = balance.weights(loss_lm, loss_reg)
+            for p, g in zip(params, g_reg, strict=True):
+                if p.grad is not None and w_lm != 1.0:
+                    p.grad.mul_(w_lm)
+                if g is not None:
+                    a = lam * w_reg
+                    p.grad = a * g if p.grad is None else p.grad.add_(g, alpha=a)
+            balance.backward(loss_lm, loss_reg, lam)
+            for p, g in zip(params, g_aux or (), strict=False):
+                if g is not None:
+                    w = cfg.moe_aux_weight
+                    p.grad = w * g if p.grad is None else p.grad.add_(g, alpha=w)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
 
         metrics = {
-            "train/loss_lm": loss_lm.item(),
             "train/loss_reg": loss_reg.item(),
-            "train/loss_total": loss_lm.item() + lam * loss_reg.item(),
             "train/reg_constant": lam,
-            "train/grad_norm_lm": grad_norm_lm,
             "train/grad_norm_reg": grad_norm_reg,
             "train/lr": sched.get_last_lr()[0],
             "train/proj_token_norm": tokens.detach().float().norm(dim=-1).mean().item(),
             "train/lm_token_norm": lm_token_norm,
         }
+        if ae:  # the autoencoder stage's objective is the reconstruction loss alone
+            metrics["train/loss_total"] = loss_reg.item()
+        else:
+            metrics["train/loss_lm"] = loss_lm.item()
+            metrics["train/loss_total"] = w_lm * loss_lm.item() + lam * w_reg * loss_reg.item()
+            metrics["train/grad_norm_lm"] = grad_norm_lm
+            if projector.aux_loss is not None:
+                metrics["train/moe_aux_loss"] = projector.aux_loss.item()
+            if cfg.reg_balance != "none":
+                metrics["train/balance_lm"], metrics["train/balance_reg"] = w_lm, w_reg
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             metrics.update(evaluate())
         if ckpt is not None and (
             step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
-            save_checkpoint(ckpt, step, projector, head, opt, sched, cfg)
+            save_checkpoint(ckpt, step, projector, head, opt, sched, cfg, balance)
         history.append((step, metrics))
         if report is not None:
             report(step, metrics)

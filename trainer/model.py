@@ -19,19 +19,70 @@ FAST_PREFIX = "Question: {question}\nAnswer: "
 REFERENCE_TEXT = "\nQuestion: {question}\nAnswer: "
 
 
-class Projector(nn.Module):
-    """LLaVA's mlp2x_gelu (Linear, GELU, Linear), emitting ``k`` LLM tokens per embedding."""
+def _mlp2x_gelu(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
-    def __init__(self, in_dim: int, lm_dim: int, k: int, hidden: int | None = None):
+
+class Projector(nn.Module):
+    """Image embedding -> ``k`` LLM token embeddings.
+
+    - ``mlp``: LLaVA's mlp2x_gelu (Linear, GELU, Linear).
+    - ``mlp_residual``: the same, plus a linear path carrying the embedding itself.
+    - ``moe``: ``experts`` mlp2x_gelu experts; a linear router picks the top 2 per
+      embedding and mixes them by their renormalised softmax gates. ``aux_loss`` holds the
+      last forward's load-balancing loss (Switch Transformer's E·Σ f_e·P_e over the top-2
+      slots: 1 when the experts share the load evenly, E when one takes it all).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        lm_dim: int,
+        k: int,
+        hidden: int | None = None,
+        kind: str = "mlp",
+        experts: int = 4,
+    ):
         super().__init__()
-        self.k, self.lm_dim = k, lm_dim
+        self.k, self.lm_dim, self.kind = k, lm_dim, kind
         hidden = hidden or lm_dim
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, k * lm_dim)
-        )
+        out = k * lm_dim
+        self.aux_loss: torch.Tensor | None = None
+        if kind == "moe":
+            self.router = nn.Linear(in_dim, experts)
+            self.experts = nn.ModuleList(_mlp2x_gelu(in_dim, hidden, out) for _ in range(experts))
+        else:
+            self.net = _mlp2x_gelu(in_dim, hidden, out)
+        if kind == "mlp_residual":
+            self.skip = nn.Linear(in_dim, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(x.shape[0], self.k, self.lm_dim)
+        if self.kind == "moe":
+            y = self._moe(x)
+        else:
+            y = self.net(x)
+            if self.kind == "mlp_residual":
+                y = y + self.skip(x)
+        return y.view(x.shape[0], self.k, self.lm_dim)
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        top, idx = probs.topk(min(2, len(self.experts)), dim=-1)
+        gates = (top / top.sum(-1, keepdim=True)).to(x.dtype)
+        y = None
+        for e, expert in enumerate(self.experts):
+            weight = (gates * (idx == e)).sum(-1)  # 0 where e is not among the top 2
+            rows = weight.nonzero().squeeze(-1)
+            if len(rows) == 0:
+                continue
+            part = expert(x[rows]) * weight[rows, None]
+            if y is None:
+                y = torch.zeros(x.shape[0], part.shape[-1], dtype=part.dtype, device=x.device)
+            y = y.index_add(0, rows, part)
+        n = len(self.experts)
+        routed = F.one_hot(idx, n).float().sum(1).mean(0) / idx.shape[-1]  # f_e
+        self.aux_loss = n * (routed * probs.mean(0)).sum()
+        return y
 
 
 class ReconHead(nn.Module):
@@ -47,6 +98,52 @@ class ReconHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens.flatten(1))
+
+
+class LossBalance(nn.Module):
+    """Weights on the two losses (``reg_balance``); λ multiplies the reg term on top.
+
+    - ``none``: 1 and 1.
+    - ``running_mean``: each loss divided by a stop-gradient running mean of itself
+      (bias-corrected EMA, β = 0.99), so both enter at a scale of about 1.
+    - ``uncertainty``: Kendall et al.'s learned weights ½·exp(−s) per loss, with ``s`` (the
+      log variance) trained beside the projector through the ``+ ½·s`` term.
+    """
+
+    BETA = 0.99
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "running_mean":
+            self.register_buffer("mean", torch.zeros(2))
+            self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        elif kind == "uncertainty":
+            self.log_var = nn.Parameter(torch.zeros(2))
+
+    def weights(self, loss_lm: torch.Tensor, loss_reg: torch.Tensor) -> tuple[float, float]:
+        """This step's weights (updating the running means first)."""
+        if self.kind == "running_mean":
+            with torch.no_grad():
+                now = torch.stack([loss_lm.detach().float(), loss_reg.detach().float()])
+                self.mean.mul_(self.BETA).add_(now, alpha=1 - self.BETA)
+                self.updates += 1
+                mean = self.mean / (1 - self.BETA ** self.updates.item())
+            w = 1.0 / mean.clamp_min(1e-8)
+            return w[0].item(), w[1].item()
+        if self.kind == "uncertainty":
+            w = 0.5 * torch.exp(-self.log_var.detach())
+            return w[0].item(), w[1].item()
+        return 1.0, 1.0
+
+    def backward(self, loss_lm: torch.Tensor, loss_reg: torch.Tensor, lam: float) -> None:
+        """Gradients for the learned weights: of Σ ½·exp(−s_i)·L_i + ½·s_i (reg term × λ)."""
+        if self.kind != "uncertainty":
+            return
+        s = self.log_var
+        losses = torch.stack([loss_lm.detach().float(), loss_reg.detach().float()])
+        terms = 0.5 * torch.exp(-s) * losses + 0.5 * s
+        (terms[0] + lam * terms[1]).backward()
 
 
 def reg_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

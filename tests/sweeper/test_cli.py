@@ -68,6 +68,19 @@ def test_train_logs_a_finished_run_to_mlflow(tmp_path, config):
     assert "checkpoint/weights.safetensors" in arts
 
 
+def test_train_with_an_autoencoder_stage_logs_the_lm_loss_only_after_it(tmp_path, config):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config("reg_schedule: ae_stage\nreg_schedule_steps: 5\n")
+    proc = run(["train", str(cfg), "--mlflow"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(uri)
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.data.params["reg_schedule"] == "ae_stage"
+    lm = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_lm")]
+    reg = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_reg")]
+    assert lm == list(range(6, 13)) and reg == list(range(1, 13))
+
+
 def test_interrupted_train_resumes_from_its_checkpoint(tmp_path, config):
     cfg = config("max_steps: 800\neval_every: 400\ncheckpoint_every: 20\n")
     proc = subprocess.Popen(

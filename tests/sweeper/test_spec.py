@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -188,3 +191,19 @@ def test_grid_with_a_baseline_runs_the_whole_grid_and_the_baseline(tiny_spec):
     searcher = make_searcher(spec)
     got = [searcher.suggest(f"t{i}")["reg_constant"] for i in range(3)]
     assert got[0] == 0.0 and sorted(got[1:]) == [0.1, 1.0]
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_valid(path):
+    from trainer.config import TrainerConfig
+
+    data = yaml.safe_load(path.read_text())
+    if "trainer" in data:  # a sweep spec
+        spec = SweepSpec.model_validate(data)
+        for point in spec.search.points:  # each warm-start point makes a valid trainer config
+            spec.trainer_config(point)
+    else:  # a `sweeper train` config
+        TrainerConfig.model_validate(data)

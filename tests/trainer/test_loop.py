@@ -62,8 +62,10 @@ def test_reg_constant_zero_leaves_the_reg_loss_unoptimised(tiny_cfg, tmp_path):
     assert off.metrics["val/loss_reg"] > 2 * on.metrics["val/loss_reg"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(max_steps=12, eval_every=6, checkpoint_every=4)
+@pytest.mark.parametrize("balance", ["none", "running_mean", "uncertainty"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, balance):
+    # the balancer's running means and learned weights are in the checkpoint too
+    cfg = tiny_cfg(max_steps=12, eval_every=6, checkpoint_every=4, reg_balance=balance)
     whole = train(cfg)
 
     class Crash(Exception):
@@ -78,7 +80,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path):
     resumed = train(cfg, checkpoint_dir=tmp_path)
     assert [s for s, _ in resumed.history] == list(range(5, 13))
     for (s, a), (_, b) in zip(whole.history[4:], resumed.history, strict=True):
-        for key in ("train/loss_lm", "train/loss_reg", "train/lr"):
+        for key in ("train/loss_lm", "train/loss_reg", "train/lr", "train/loss_total"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (s, key)
     assert whole.metrics["val/accuracy"] == resumed.metrics["val/accuracy"]
 
@@ -144,3 +146,85 @@ def test_a_save_cut_between_its_two_renames_still_resumes(tiny_cfg, tmp_path):
     (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")
     resumed = train(cfg.model_copy(update={"max_steps": 6}), checkpoint_dir=tmp_path)
     assert resumed.step == 6 and resumed.history == []
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.8] * 10),
+        ("warmup", [0.8 * min(1, s / 4) for s in range(1, 11)]),
+        ("cosine_decay", [0.8 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 9)) for s in range(1, 11)]),
+        ("ae_stage", [0.8] * 10),
+    ],
+)
+def test_each_reg_schedule_logs_the_lambda_curve_it_claims(tiny_cfg, schedule, expected):
+    reports = []
+    cfg = tiny_cfg(max_steps=10, eval_every=10, reg_constant=0.8, reg_schedule=schedule)
+    train(cfg.model_copy(update={"reg_schedule_steps": 4}), lambda s, m: reports.append(m))
+    lams = [m["train/reg_constant"] for m in reports]
+    assert lams == pytest.approx(expected)
+    if schedule == "cosine_decay":
+        assert lams[0] == pytest.approx(0.8) and lams[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_autoencoder_stage_trains_reconstruction_alone_then_switches_the_lm_loss_on(
+    tiny_cfg,
+):
+    reports = []
+    cfg = tiny_cfg(
+        max_steps=30,
+        eval_every=30,
+        reg_constant=0.5,
+        reg_schedule="ae_stage",
+        reg_schedule_steps=20,
+    )
+    train(cfg, lambda s, m: reports.append((s, m)))
+    stage = [m for s, m in reports if s <= 20]
+    after = [m for s, m in reports if s > 20]
+    assert all("train/loss_lm" not in m and "train/grad_norm_lm" not in m for m in stage)
+    assert all(m["train/loss_total"] == m["train/loss_reg"] for m in stage)
+    assert all("train/loss_lm" in m for m in after)
+    # the reconstruction alone is what the stage optimises: it falls
+    assert stage[-1]["train/loss_reg"] < 0.8 * stage[0]["train/loss_reg"]
+
+
+def test_an_autoencoder_stage_as_long_as_the_run_is_refused(tiny_cfg):
+    with pytest.raises(ValueError, match="must end before max_steps"):
+        tiny_cfg(max_steps=10, reg_schedule="ae_stage", reg_schedule_steps=10)
+
+
+@pytest.mark.parametrize("balance", ["running_mean", "uncertainty"])
+def test_loss_balancing_logs_its_weights_and_trains_both_losses(tiny_cfg, balance):
+    reports = []
+    cfg = tiny_cfg(max_steps=40, eval_every=40, reg_constant=1.0, reg_balance=balance)
+    train(cfg, lambda s, m: reports.append(m))
+    first, last = reports[0], reports[-1]
+    for m in (first, last):
+        w_lm, w_reg = m["train/balance_lm"], m["train/balance_reg"]
+        assert m["train/loss_total"] == pytest.approx(
+            w_lm * m["train/loss_lm"] + w_reg * m["train/loss_reg"]
+        )
+    if balance == "running_mean":  # the first step's weights are 1 / the losses themselves
+        assert first["train/balance_lm"] == pytest.approx(1 / first["train/loss_lm"], rel=1e-4)
+        assert first["train/balance_reg"] == pytest.approx(1 / first["train/loss_reg"], rel=1e-4)
+    else:  # ½·exp(−s) from s = 0, learned: the weights move
+        assert first["train/balance_lm"] == pytest.approx(0.5)
+        assert last["train/balance_lm"] != pytest.approx(0.5, abs=1e-4)
+    assert last["train/loss_lm"] < first["train/loss_lm"]
+    assert last["train/loss_reg"] < first["train/loss_reg"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_residual", "moe"])
+def test_each_projector_variant_trains_with_both_losses_falling(tiny_cfg, kind):
+    reports = []
+    cfg = tiny_cfg(max_steps=40, eval_every=40, reg_constant=1.0, projector=kind)
+    result = train(cfg, lambda s, m: reports.append(m))
+    first, last = reports[0], reports[-1]
+    assert last["train/loss_lm"] < first["train/loss_lm"]
+    assert last["train/loss_reg"] < first["train/loss_reg"]
+    assert 0.0 <= result.metrics["val/accuracy"] <= 1.0
+    if kind == "moe":  # E·Σ f·P: 1 when the load is even, E when one expert takes it all
+        aux = [m["train/moe_aux_loss"] for m in reports]
+        assert all(0.0 < a <= cfg.projector_experts + 1e-5 for a in aux)
+    else:
+        assert "train/moe_aux_loss" not in last

@@ -74,3 +74,27 @@ def test_reg_loss_ignores_scale_and_spans_zero_to_two():
     x = torch.randn(4, 16)
     assert torch.allclose(reg_loss(3 * x, x), torch.zeros(4), atol=1e-6)
     assert torch.allclose(reg_loss(-x, x), torch.full((4,), 2.0), atol=1e-6)
+
+
+def test_moe_projector_routes_each_embedding_to_two_experts():
+    torch.manual_seed(0)
+    proj = Projector(48, 64, 2, kind="moe", experts=4)
+    x = torch.randn(32, 48)
+    out = proj(x)
+    assert out.shape == (32, 2, 64)
+    # the same as mixing the two top experts by hand
+    probs = torch.softmax(proj.router(x), -1)
+    top, idx = probs.topk(2, -1)
+    gates = top / top.sum(-1, keepdim=True)
+    by_hand = sum(
+        gates[:, j, None] * torch.stack([proj.experts[e](x[i]) for i, e in enumerate(idx[:, j])])
+        for j in range(2)
+    )
+    assert torch.allclose(out.flatten(1), by_hand, atol=1e-5)
+    assert 0.0 < proj.aux_loss.item() <= 4.0
+
+
+def test_residual_projector_carries_the_embedding_linearly():
+    proj = Projector(48, 64, 1, kind="mlp_residual")
+    x = torch.randn(3, 48)
+    assert torch.allclose(proj(x).flatten(1), proj.net(x) + proj.skip(x))
