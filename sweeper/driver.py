@@ -189,6 +189,11 @@ def prepare_sources(spec: SweepSpec) -> None:
                 f"objective.metric: dataset {d!r} lists no answer choices for every question, "
                 "so val/accuracy_choice is never reported"
             )
+        if metric.startswith("val/probe_accuracy") and not base.probe_questions:
+            raise ValueError(
+                f"objective.metric: {metric} is reported only with trainer.probe_questions "
+                "(the questions the probe holds out)"
+            )
         if metric.startswith("val/accuracy_by_question/") and metric.split("/")[-1] not in slugs:
             raise ValueError(
                 f"objective.metric: dataset {d!r} has no such question; it has "

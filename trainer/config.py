@@ -91,6 +91,14 @@ class TrainerConfig(BaseModel):
     moe_aux_weight: float = Field(
         0.01, ge=0.0, description="Weight of the 'moe' projector's load-balancing loss."
     )
+    probe_questions: list[str] = Field(
+        default_factory=list,
+        description="Questions held out of training and evaluation: the LM is never asked "
+        "them. At each eval a linear probe (logistic regression) is fitted on the frozen "
+        "projected tokens of the train images to predict their answers, and scored on "
+        "the val images: val/probe_accuracy (mean over these questions) says what the "
+        "projector kept that training never asked for.",
+    )
     recon_head: Literal["linear", "mlp"] = Field(
         "linear",
         description="Reconstruction head from the k projected tokens (concatenated) back "

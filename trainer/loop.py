@@ -45,7 +45,13 @@ TRAIN_METRICS = (
     "train/proj_token_norm",
     "train/lm_token_norm",
 )
-VAL_METRICS = ("val/accuracy", "val/accuracy_choice", "val/loss_lm", "val/loss_reg")
+VAL_METRICS = (
+    "val/accuracy",
+    "val/accuracy_choice",
+    "val/loss_lm",
+    "val/loss_reg",
+    "val/probe_accuracy",
+)
 
 
 @dataclass
@@ -137,6 +143,62 @@ class QuestionGroups:
         return self.batch(g, rows, emb)[0]
 
 
+def linear_probe_accuracy(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
+) -> float:
+    """Accuracy on ``x_val`` of a logistic regression fitted on ``x_train`` (standardised)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(set(y_train.tolist())) < 2:
+        return float(np.mean(y_val == y_train[0]))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
+    clf.fit(x_train, y_train)
+    return float(clf.score(x_val, y_val))
+
+
+class Probe:
+    """The held-out questions (``probe_questions``) and the linear probe that scores them."""
+
+    def __init__(self, data, questions: list[str]):
+        self.questions = list(questions)
+        known = set(data.questions())
+        missing = [q for q in self.questions if q not in known]
+        if missing:
+            raise ValueError(
+                f"probe_questions: {missing[0]!r} is not a question of this dataset; it has "
+                + ", ".join(repr(q) for q in sorted(known))
+            )
+        if self.questions and known <= set(self.questions):
+            raise ValueError("probe_questions: hold some questions out, not all of them")
+        self.answers = {
+            (split, q): sorted(
+                {(ex["image"], ex["answer"]) for ex in data.examples[split] if ex["question"] == q}
+            )
+            for split in ("train", "val")
+            for q in self.questions
+        }
+
+    def asked(self, examples: list[dict]) -> list[dict]:
+        """The examples the LM trains and is evaluated on: not the held-out questions."""
+        return [ex for ex in examples if ex["question"] not in self.questions]
+
+    def score(self, features) -> dict[str, float]:
+        """``features(image rows) -> [n, f]`` tensor; the probe's val accuracy per question."""
+        out = {}
+        for q in self.questions:
+            (tr, va) = (self.answers[("train", q)], self.answers[("val", q)])
+            x_tr = features(torch.tensor([i for i, _ in tr])).float().cpu().numpy()
+            x_va = features(torch.tensor([i for i, _ in va])).float().cpu().numpy()
+            y_tr, y_va = np.array([a for _, a in tr]), np.array([a for _, a in va])
+            out[f"val/probe_accuracy/{question_slug(q)}"] = linear_probe_accuracy(
+                x_tr, y_tr, x_va, y_va
+            )
+        out["val/probe_accuracy"] = float(np.mean(list(out.values())))
+        return out
+
+
 def question_slug(text: str) -> str:
     """A question as a metric-name suffix: ``val/accuracy_by_question/<slug>``."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
@@ -169,8 +231,9 @@ def train(
     train_rows = np.unique([ex["image"] for ex in data.examples["train"]])
     emb = torch.from_numpy(normalise(data.embeddings, train_rows, cfg.embedding_norm)).float()
     emb = emb.to(device)
-    train_groups = QuestionGroups(data.examples["train"], prompts, device)
-    val_examples = data.examples["val"][: cfg.eval_examples]
+    probe = Probe(data, cfg.probe_questions)
+    train_groups = QuestionGroups(probe.asked(data.examples["train"]), prompts, device)
+    val_examples = probe.asked(data.examples["val"])[: cfg.eval_examples]
     val_groups = QuestionGroups(val_examples, prompts, device)
 
     torch.manual_seed(cfg.seed)
@@ -227,6 +290,9 @@ def train(
                     got, counted = _choice_hits(logits, b, data.choices.get(q), prompts)
                     choice_hits, choice_n = choice_hits + got, choice_n + counted
                     n += len(rows)
+        if probe.questions:
+            with torch.no_grad():
+                out_probe = probe.score(lambda rows: projector(emb[rows.to(device)]).flatten(1))
         projector.train(), head.train()
         acc = torch.cat(hits).float().mean().item()
         out = {"val/accuracy": acc, "val/loss_lm": nll / n_tok, "val/loss_reg": reg / n}
@@ -234,6 +300,8 @@ def train(
             out["val/accuracy_choice"] = choice_hits / choice_n
         for q, h in per_q.items():
             out[f"val/accuracy_by_question/{question_slug(q)}"] = torch.cat(h).float().mean().item()
+        if probe.questions:
+            out.update(out_probe)
         return out
 
     history: list[tuple[int, dict[str, float]]] = []

@@ -228,3 +228,39 @@ def test_each_projector_variant_trains_with_both_losses_falling(tiny_cfg, kind):
         assert all(0.0 < a <= cfg.projector_experts + 1e-5 for a in aux)
     else:
         assert "train/moe_aux_loss" not in last
+
+
+def test_the_linear_probe_is_near_chance_on_random_features_and_high_on_the_embedding():
+    from trainer.loop import linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 600)
+    emb = rng.normal(size=(10, 48))[labels] + 0.3 * rng.normal(size=(600, 48))
+    noise = rng.normal(size=(600, 48))
+    tr, va = slice(0, 400), slice(400, 600)
+    raw = linear_probe_accuracy(emb[tr], labels[tr], emb[va], labels[va])
+    rand = linear_probe_accuracy(noise[tr], labels[tr], noise[va], labels[va])
+    assert raw > 0.95 and rand < 0.2  # chance is 0.1
+    print(f"probe: raw embedding {raw:.3f}, random features {rand:.3f} (chance 0.1)")
+
+
+def test_probe_questions_are_held_out_and_probed(tiny_cfg):
+    held = "What digit is shown in the image?"
+    reports = []
+    cfg = tiny_cfg(max_steps=10, eval_every=10, probe_questions=[held])
+    train(cfg, lambda s, m: reports.append(m))
+    last = reports[-1]
+    assert 0.0 <= last["val/probe_accuracy"] <= 1.0
+    assert last["val/probe_accuracy"] == last["val/probe_accuracy/what_digit_is_shown_in_the_image"]
+    # the LM is never asked it: no accuracy for it
+    assert "val/accuracy_by_question/what_digit_is_shown_in_the_image" not in last
+    assert len([k for k in last if k.startswith("val/accuracy_by_question/")]) == 2
+
+
+def test_probe_questions_must_be_the_dataset_s_and_not_all_of_them(tiny_cfg):
+    with pytest.raises(ValueError, match="not a question of this dataset"):
+        train(tiny_cfg(max_steps=1, probe_questions=["Is it a cat?"]))
+    with pytest.raises(ValueError, match="hold some questions out, not all"):
+        from trainer.data import DIGIT_QUESTIONS
+
+        train(tiny_cfg(max_steps=1, probe_questions=list(DIGIT_QUESTIONS)))
