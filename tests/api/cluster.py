@@ -150,23 +150,30 @@ class RayCluster:
 
 
 class MlflowServer:
-    """``mlflow server`` with its backend store in a fresh PostgreSQL database."""
+    """``mlflow server`` in its own process group, restartable on the same port and store.
 
-    def __init__(self, root: Path):
+    Its backend store is ``backend``, or by default a fresh PostgreSQL database (dropped
+    by :meth:`stop`).
+    """
+
+    def __init__(self, root: Path, backend: str | None = None):
         from sqlalchemy import create_engine, text
 
-        self.root = root
-        self.db = f"mlflow_test_{secrets.token_hex(4)}"
-        admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f"CREATE DATABASE {self.db}"))
-        admin.dispose()
-        self.backend = PG_URL.rsplit("/", 1)[0] + f"/{self.db}"
+        self.root, self.db, self.backend = root, None, backend
+        if backend is None:
+            self.db = f"mlflow_test_{secrets.token_hex(4)}"
+            admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(text(f"CREATE DATABASE {self.db}"))
+            admin.dispose()
+            self.backend = PG_URL.rsplit("/", 1)[0] + f"/{self.db}"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> MlflowServer:
+    def start(self) -> float:
+        """Start it and wait until it answers; returns the seconds that took."""
+        t0 = time.monotonic()
         # The same command as docker/compose.yaml's mlflow service.
         cmd = ["mlflow", "server", "--serve-artifacts"]
         cmd += ["--artifacts-destination", str(self.root / "mlartifacts")]
@@ -181,13 +188,22 @@ class MlflowServer:
             env=os.environ | {"MLFLOW_BACKEND_STORE_URI": self.backend},
         )
         _wait_http(f"{self.url}/health", self.proc, log)
-        return self
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (requests in flight are cut); the store stays."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
 
     def stop(self) -> None:
         from sqlalchemy import create_engine, text
 
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             _stop(self.proc)
+        if self.db is None:
+            return
         admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as c:
             c.execute(text(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)"))

@@ -11,17 +11,9 @@ must end FINISHED with exactly one point per step for each metric.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -29,6 +21,7 @@ from sweeper.driver import run_sweep
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
 from sweeper.tracking import MLFLOW_HTTP_DEFAULTS
+from tests.api.cluster import MlflowServer
 from tests.conftest import make_dataset
 from trainer.loop import TRAIN_METRICS
 
@@ -42,68 +35,11 @@ MAX_OUTAGE_S = 90.0  # waiting for a trial to start while MLflow is down
 MAX_STEPS, EVAL_EVERY, TRIALS, IMAGES = 100, 10, 10, 4000
 
 
-class MlflowServer:
-    """``mlflow server`` in its own process group; stop() kills the whole group."""
-
-    def __init__(self, root: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root = root
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 120) -> float:
-        """Start and wait until it answers; returns the seconds that took."""
-        t0 = time.monotonic()
-        log = open(self.root / f"mlflow-server-{self.starts}.log", "wb")  # noqa: SIM115
-        self.starts += 1
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {self.proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"mlflow server not up after {timeout:g} s; see {log.name}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    (tmp_path / "mlflow-server").mkdir()
-    server = MlflowServer(tmp_path / "mlflow-server")
+    root = tmp_path / "mlflow-server"
+    root.mkdir()
+    server = MlflowServer(root, backend=f"sqlite:///{root / 'mlflow.db'}")
     yield server
     server.stop()
 
@@ -113,7 +49,7 @@ def test_mlflow_server_stopped_mid_sweep_loses_no_point(
 ):
     t0 = time.monotonic()
     up_s = mlflow_server.start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("SWEEPER_MLFLOW_RETRY_S", "150")  # the sweep's end waits at most this
     for key in MLFLOW_HTTP_DEFAULTS:  # the driver sets them in this process: undone after
         monkeypatch.delenv(key, raising=False)
@@ -138,7 +74,7 @@ def test_mlflow_server_stopped_mid_sweep_loses_no_point(
                     raise TimeoutError("no trial reported within 180 s")
                 time.sleep(0.2)
             before = set(rows())
-            mlflow_server.stop()
+            mlflow_server.kill()
             outage["stopped"] = time.monotonic()
             outage["stopped_wall"] = time.time()
             time.sleep(OUTAGE_S)
@@ -165,7 +101,7 @@ def test_mlflow_server_stopped_mid_sweep_loses_no_point(
     assert not errors, errors
     assert "up" in outage, f"the outage never ended: {outage}"
 
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.url)
     trials = state["trials"]
     runs = client.search_runs(
         [state["mlflow"]["experiment_id"]],
