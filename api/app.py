@@ -89,13 +89,29 @@ class MlflowIds(BaseModel):
     ui_url: str | None = Field(None, description="Set when SWEEPER_MLFLOW_UI_URL is.")
 
 
-class BestTrial(BaseModel):
+class ParetoPoint(BaseModel):
     params: dict[str, Any]
-    metric: str
-    value: float
+    values: dict[str, float] = Field(description="Each objective's mean over the seeds.")
     seeds: int
     trial_ids: list[str]
     mlflow_run_ids: list[str | None]
+
+
+class BestTrial(BaseModel):
+    params: dict[str, Any]
+    metric: str = Field(description="The (first) objective's metric.")
+    value: float = Field(description="Its mean over the configuration's seeds.")
+    seeds: int
+    trial_ids: list[str]
+    mlflow_run_ids: list[str | None]
+    values: dict[str, float] | None = Field(
+        None, description="Multi-objective sweeps: every objective's mean."
+    )
+    pareto: list[ParetoPoint] | None = Field(
+        None,
+        description="Multi-objective sweeps: the configurations no other one beats on "
+        "every objective, best first on the first objective.",
+    )
 
 
 class SweepOut(BaseModel):

@@ -93,11 +93,11 @@ class SweepData:
 
     @property
     def metric(self) -> str:
-        return self.spec.objective.metric if self.spec else "val/accuracy"
+        return self.spec.primary.metric if self.spec else "val/accuracy"
 
     @property
     def mode(self) -> str:
-        return self.spec.objective.mode if self.spec else "max"
+        return self.spec.primary.mode if self.spec else "max"
 
 
 def _typed(v: str | None) -> Any:

@@ -4,8 +4,11 @@ Figures (matplotlib, drawn headless): accuracy vs λ per token-expansion factor 
 seeds, 95% t-interval, the λ = 0 baseline marked); final LM and reg losses vs λ; both loss
 curves over steps with the λ in force; the gradient-norm ratio λ·|∇reg| / |∇lm| that says
 which loss drives the projector; Optuna's optimisation history, parameter importances
-and parallel coordinates (a study rebuilt from the MLflow records); and a sortable table
-of trials. The HTML embeds the PNGs and a few lines of its own script: no CDN, no network.
+and parallel coordinates (a study rebuilt from the MLflow records); for a multi-objective
+sweep its Pareto set; for a sweep over projector variants (or any categorical field) each
+value at its best configuration against the default's, with Welch intervals; and a
+sortable table of trials. The HTML embeds the PNGs and a few lines of its own script: no
+CDN, no network.
 """
 
 from __future__ import annotations
@@ -294,6 +297,206 @@ class _Skip(Exception):
     """A figure with nothing to show yet; the report says why instead."""
 
 
+class _NotApplicable(Exception):
+    """A figure this kind of sweep does not have (a Pareto front of one objective)."""
+
+
+def _by_configuration(data: SweepData, keys: list[str]) -> list[dict[str, Any]]:
+    """Non-failed trials grouped by searched configuration: each key's seed values."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for t in data.trials:
+        values = [_last(t, k) for k in keys]
+        # A running trial's values are half-trained: only ended trials count (KILLED ones
+        # were stopped early by ASHA or a cancel, as the driver counts them).
+        if t.status in ("FAILED", "RUNNING") or any(v is None for v in values):
+            continue
+        conf = t.searched(data.spec)
+        key = tuple(sorted((k, str(v)) for k, v in conf.items()))
+        g = groups.setdefault(key, {"params": conf, "trials": [], **{k: [] for k in keys}})
+        g["trials"].append(t)
+        for k, v in zip(keys, values, strict=True):
+            g[k].append(v)
+    return list(groups.values())
+
+
+def _conf_label(params: dict[str, Any]) -> str:
+    short = {"reg_constant": "λ", "token_expansion": "k"}
+    return ", ".join(f"{short.get(k, k)}={_fmt(v)}" for k, v in params.items())
+
+
+def _pareto(data: SweepData) -> tuple[list[dict[str, Any]], list[int]]:
+    """Configurations with every objective reported, and the indices of their Pareto set
+    (seed means; none beaten on every objective by another)."""
+    objs = data.spec.objectives
+    confs = _by_configuration(data, [o.metric for o in objs])
+    sign = np.array([1 if o.mode == "max" else -1 for o in objs])
+    means = np.array([[statistics.fmean(c[o.metric]) for o in objs] for c in confs])
+    means = means.reshape(len(confs), len(objs)) * sign
+    front = [
+        i for i, a in enumerate(means) if not any((b >= a).all() and (b > a).any() for b in means)
+    ]
+    return confs, front
+
+
+def fig_pareto(data: SweepData):
+    """Multi-objective sweeps: each configuration on the first two objectives (seed means,
+    95% intervals), the Pareto set (no configuration better on every objective) marked."""
+    objs = data.spec.objectives if data.spec else []
+    if len(objs) < 2:
+        raise _NotApplicable
+    keys = [o.metric for o in objs]
+    confs, front = _pareto(data)
+    if not confs:
+        raise _Skip(f"no configuration has reported {', '.join(keys)} yet")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    x, y = keys[0], keys[1]
+    for i, c in enumerate(confs):
+        (mx, hx), (my, hy) = _interval(c[x]), _interval(c[y])
+        on = i in front
+        ax.errorbar(
+            mx,
+            my,
+            xerr=hx,
+            yerr=hy,
+            fmt="o" if on else ".",
+            color=COLOURS[0] if on else "grey",
+            alpha=1.0 if on else 0.6,
+            capsize=2,
+        )
+        if on:
+            ax.annotate(
+                _conf_label(c["params"]),
+                (mx, my),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    pts = sorted((statistics.fmean(confs[i][x]), statistics.fmean(confs[i][y])) for i in front)
+    ax.plot(*zip(*pts, strict=True), color=COLOURS[0], lw=1, ls="--", label="Pareto set")
+    ax.set_xlabel(f"{x} ({objs[0].mode})")
+    ax.set_ylabel(f"{y} ({objs[1].mode})")
+    extra = f"; also {', '.join(keys[2:])}" if len(keys) > 2 else ""
+    ax.set_title(f"Pareto set: {len(front)} of {len(confs)} configurations{extra}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, len(confs)
+
+
+# The default of each trainer field a sweep may search as a variant: the reference the
+# variants are compared with.
+def _variant_fields(data: SweepData) -> dict[str, Any]:
+    from trainer.config import TrainerConfig
+
+    if data.spec is None:
+        return {}
+    out = {}
+    for name, p in data.spec.search.space.items():
+        if name in ("reg_constant", "token_expansion") or not hasattr(p, "choices"):
+            continue
+        ref = data.spec.trainer.get(name, TrainerConfig.model_fields[name].default)
+        if ref in p.choices and len(p.choices) > 1:
+            out[name] = ref
+    return out
+
+
+def variant_rows(data: SweepData) -> list[dict[str, Any]]:
+    """For each searched categorical field (projector, reg_schedule, ...): each value's best
+    configuration (by the seed mean of the objective: "at its best λ") against the best of
+    the reference value (the field's default), with Welch's 95% interval of the difference.
+    """
+    key = data.metric
+    sign = 1 if data.mode == "max" else -1
+    confs = _by_configuration(data, [key])
+    rows = []
+    for field, ref in _variant_fields(data).items():
+        best: dict[Any, dict] = {}
+        # Each value's best among its configurations with 2+ seeds where it has any: one
+        # lucky seed does not stand for a value that has fully seeded configurations.
+        seeded = {c["params"].get(field) for c in confs if len(c[key]) >= 2}
+        for c in confs:
+            v = c["params"].get(field)
+            if v in seeded and len(c[key]) < 2:
+                continue
+            if v not in best or sign * statistics.fmean(c[key]) > sign * statistics.fmean(
+                best[v][key]
+            ):
+                best[v] = c
+        if ref not in best:
+            continue
+        base = best[ref][key]
+        for value, c in best.items():
+            mean, half = _interval(c[key])
+            row = {
+                "field": field,
+                "value": value,
+                "reference": ref,
+                "config": _conf_label({k: v for k, v in c["params"].items() if k != field}),
+                "mean": mean,
+                "half": half,
+                "n": len(c[key]),
+            }
+            if value != ref:
+                diff = statistics.fmean(c[key]) - statistics.fmean(base)
+                half_d = _welch_half(c[key], base)
+                row |= {"diff": diff, "diff_half": half_d}
+                if half_d is None:
+                    row["verdict"] = "needs 2+ seeds (that differ) on both sides"
+                elif sign * diff > half_d:  # the interval of the difference excludes 0
+                    row["verdict"] = "better"
+                elif sign * diff < -half_d:
+                    row["verdict"] = "worse"
+                else:
+                    row["verdict"] = "no clear difference"
+            rows.append(row)
+    return rows
+
+
+def _welch_half(a: list[float], b: list[float]) -> float | None:
+    """Half-width of Welch's 95% interval for mean(a) - mean(b); None under 2 seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:  # identical seeds on both sides: no spread to judge a difference by
+        return None
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(stats.t.ppf(0.975, dof) * se)
+
+
+def fig_variants(data: SweepData):
+    """Each variant at its best configuration against the default's best, with intervals."""
+    if not _variant_fields(data):
+        raise _NotApplicable
+    rows = variant_rows(data)
+    fields = list(dict.fromkeys(r["field"] for r in rows))
+    if not fields:
+        raise _Skip("no configuration of a default value has reported yet")
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.5 * len(fields), 4), squeeze=False)
+    for ax, field in zip(axes[0], fields, strict=True):
+        mine = [r for r in rows if r["field"] == field]
+        ys = np.arange(len(mine))
+        for y, r in zip(ys, mine, strict=True):
+            ref = r["value"] == r["reference"]
+            ax.errorbar(
+                r["mean"],
+                y,
+                xerr=r["half"],
+                fmt="s" if ref else "o",
+                capsize=3,
+                color="black" if ref else COLOURS[1],
+            )
+            if ref:
+                ax.axvline(r["mean"], color="black", lw=0.8, ls=":")
+        labels = [f"{r['value']}\n({r['config']})" for r in mine]
+        ax.set_yticks(ys, labels, fontsize=7)
+        ax.set_xlabel(f"{data.metric} (best configuration, mean ± 95%)")
+        ax.set_title(f"{field}: vs {mine[0]['reference']}", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig, len(rows)
+
+
 FIGURES: list[tuple[str, str, Callable]] = [
     ("accuracy_vs_lambda", "Accuracy vs reg constant", fig_accuracy),
     ("final_losses_vs_lambda", "Final LM and reg losses vs reg constant", fig_final_losses),
@@ -302,6 +505,8 @@ FIGURES: list[tuple[str, str, Callable]] = [
     ("optuna_history", "Optuna: optimisation history", lambda d: fig_optuna(d, "history")),
     ("optuna_importances", "Optuna: parameter importances", lambda d: fig_optuna(d, "importances")),
     ("optuna_parallel", "Optuna: parallel coordinates", lambda d: fig_optuna(d, "parallel")),
+    ("pareto", "Pareto set of the objectives", fig_pareto),
+    ("variants", "Variants vs the default, each at its best configuration", fig_variants),
 ]
 
 
@@ -444,7 +649,12 @@ def _summary(data: SweepData) -> list[list[str]]:
         ["sweep", data.sweep_id],
         ["parent run", f"{data.parent_run_id} ({data.parent_status})"],
         ["trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"],
-        ["objective", f"{data.mode} {data.metric}"],
+        [
+            "objective",
+            ", ".join(f"{o.mode} {o.metric}" for o in data.spec.objectives)
+            if data.spec
+            else f"{data.mode} {data.metric}",
+        ],
         ["tracking", data.tracking_uri],
         ["built", time.strftime("%Y-%m-%d %H:%M:%S %Z")],
     ]
@@ -461,6 +671,58 @@ def _summary(data: SweepData) -> list[list[str]]:
     return rows
 
 
+def _answer_tables(data: SweepData) -> list[str]:
+    """The Pareto set and the variant comparison as tables, where the sweep has them."""
+    out = []
+    objs = data.spec.objectives if data.spec else []
+    if len(objs) > 1:
+        keys = [o.metric for o in objs]
+        confs, front = _pareto(data)
+        if not front:
+            out.append(
+                '<h2>Pareto set</h2><p class="skip">Not yet: no ended trial has reported '
+                f"{html.escape(', '.join(keys))}.</p>"
+            )
+        else:
+            rows = []
+            for i in front:
+                cells = [_conf_label(confs[i]["params"])]
+                for k in keys:
+                    mean, half = _interval(confs[i][k])
+                    cells.append(f"{mean:.4f} ± {half:.4f}" if half else f"{mean:.4f}")
+                rows.append([*cells, str(len(confs[i][keys[0]]))])
+            out.append(
+                "<h2>Pareto set</h2><p>Configurations no other one beats on every objective "
+                "(seed means, ± the 95% interval).</p>"
+                + _table(["configuration", *[f"{o.mode} {o.metric}" for o in objs], "seeds"], rows)
+            )
+    variants = variant_rows(data) if _variant_fields(data) else []
+    if variants:
+        rows = [
+            [
+                r["field"],
+                str(r["value"]),
+                r["config"],
+                f"{r['mean']:.4f} ± {r['half']:.4f}",
+                str(r["n"]),
+                ""
+                if "diff" not in r
+                else f"{r['diff']:+.4f}"
+                + ("" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"),
+                r.get("verdict", "reference"),
+            ]
+            for r in variants
+        ]
+        out.append(
+            f"<h2>Does each variant beat the default?</h2><p>Each value's best configuration "
+            f"by the seed mean of {html.escape(data.metric)} (its best λ and k), against the "
+            "default's best; the difference with Welch's 95% interval. Picking the best of "
+            "several configurations favours values that had more of them.</p>"
+            + _table(["field", "value", "at", data.metric, "seeds", "vs default", "verdict"], rows)
+        )
+    return out
+
+
 def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path:
     """Write ``out/report.html`` and one PNG per figure; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -469,6 +731,8 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
     for name, title, build in FIGURES:
         try:
             fig, points = build(data)
+        except _NotApplicable:
+            continue
         except _Skip as e:
             sections.append(
                 f'<h2>{html.escape(title)}</h2><p class="skip">Not yet: {html.escape(str(e))}</p>'
@@ -486,6 +750,7 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
             f'<h2>{html.escape(title)}</h2><figure id="{name}">'
             f'<img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"></figure>'
         )
+    sections += _answer_tables(data)
     head, rows = _trial_rows(data, mlflow_ui_url)
     failed = [t for t in data.trials if t.status == "FAILED"]
     failed_html = ""

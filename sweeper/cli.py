@@ -188,6 +188,10 @@ def _print_outcome(state: dict) -> None:
             f"best: {best['metric']} = {best['value']:.4f} (mean of {best['seeds']} seed(s)) "
             f"at {params}"
         )
+    for c in (best or {}).get("pareto") or []:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in c["params"].items())
+        values = ", ".join(f"{k} = {v:.4f}" for k, v in c["values"].items())
+        console.print(f"  Pareto set: {values} at {params}", highlight=False)
     if state.get("error") and state["status"] in ("failed", "interrupted"):
         console.print(f"[red]{state['error']}[/red]", highlight=False)
     ml = state.get("mlflow") or {}

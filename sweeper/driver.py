@@ -34,7 +34,7 @@ from sweeper.tracking import (
     with_retries,
 )
 from trainer.config import TrainerConfig
-from trainer.loop import VAL_METRICS, question_slug
+from trainer.loop import question_slug
 
 TRIAL_INDEX = "__trial_index__"  # set by Ray Tune's Repeater: which seed of a configuration
 
@@ -179,26 +179,31 @@ def prepare_sources(spec: SweepSpec) -> None:
             found.update(str(c) for c in param.extremes())
     for m in models:
         resolve_model(m)
-    metric = spec.objective.metric
     for d in datasets:
         data = load_dataset(d)
-        questions = data.questions()
-        slugs = {question_slug(q) for q in questions}
-        if metric == "val/accuracy_choice" and not all(q in data.choices for q in questions):
-            raise ValueError(
-                f"objective.metric: dataset {d!r} lists no answer choices for every question, "
-                "so val/accuracy_choice is never reported"
-            )
-        if metric.startswith("val/probe_accuracy") and not base.probe_questions:
-            raise ValueError(
-                f"objective.metric: {metric} is reported only with trainer.probe_questions "
-                "(the questions the probe holds out)"
-            )
-        if metric.startswith("val/accuracy_by_question/") and metric.split("/")[-1] not in slugs:
-            raise ValueError(
-                f"objective.metric: dataset {d!r} has no such question; it has "
-                + ", ".join(sorted(f"val/accuracy_by_question/{x}" for x in slugs))
-            )
+        for metric in (o.metric for o in spec.objectives):
+            _check_objective(metric, d, data, base)
+
+
+def _check_objective(metric: str, d: str, data, base: TrainerConfig) -> None:
+    """The objective is a metric this dataset and trainer config will report."""
+    questions = data.questions()
+    slugs = {question_slug(q) for q in questions}
+    if metric == "val/accuracy_choice" and not all(q in data.choices for q in questions):
+        raise ValueError(
+            f"objective.metric: dataset {d!r} lists no answer choices for every question, "
+            "so val/accuracy_choice is never reported"
+        )
+    if metric.startswith("val/probe_accuracy") and not base.probe_questions:
+        raise ValueError(
+            f"objective.metric: {metric} is reported only with trainer.probe_questions "
+            "(the questions the probe holds out)"
+        )
+    if metric.startswith("val/accuracy_by_question/") and metric.split("/")[-1] not in slugs:
+        raise ValueError(
+            f"objective.metric: dataset {d!r} has no such question; it has "
+            + ", ".join(sorted(f"val/accuracy_by_question/{x}" for x in slugs))
+        )
 
 
 def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
@@ -238,7 +243,8 @@ class StateWriter(tune.Callback):
             row["node"] = result.get("node_id")  # the Ray node it ran on
             row["resumed_from_step"] = result.get("resumed_from_step")  # > 0: from a checkpoint
             last_train = result["history"][-1][1] if result.get("history") else {}
-            val = {k: v for k, v in result.items() if k in VAL_METRICS}
+            # Every val/ metric: per-question accuracies and probes can be objectives too.
+            val = {k: v for k, v in result.items() if k.startswith("val/")}
             row["metrics"] = last_train | val
         return row
 
@@ -342,27 +348,79 @@ class CancelStopper(Stopper):
         return self._cancelled
 
 
-def best_configuration(spec: SweepSpec, trials: dict[str, dict]) -> dict[str, Any] | None:
-    """The configuration whose seeds' mean objective is best (over finished/stopped trials)."""
-    metric, groups = spec.objective.metric, {}
+def configurations(spec: SweepSpec, trials: dict[str, dict], metrics: list[str]) -> list[dict]:
+    """Finished/stopped trials grouped by configuration, each metric the mean over its seeds.
+
+    A trial counts only if it reported every one of ``metrics`` as a finite number.
+    """
+    groups: dict[tuple, tuple[dict, list[dict]]] = {}
     for row in trials.values():
-        value = (row.get("metrics") or {}).get(metric)
-        if row["status"] in ("finished", "stopped") and value is not None and math.isfinite(value):
+        got = row.get("metrics") or {}
+        values = [got.get(m) for m in metrics]
+        if row["status"] in ("finished", "stopped") and all(
+            v is not None and math.isfinite(v) for v in values
+        ):
             key = tuple(sorted((k, str(v)) for k, v in row["params"].items()))
-            groups.setdefault(key, (row["params"], []))[1].append((value, row))
-    if not groups:
+            groups.setdefault(key, (row["params"], []))[1].append(row)
+    return [
+        {
+            "params": params,
+            "values": {m: statistics.mean(r["metrics"][m] for r in rows) for m in metrics},
+            "seeds": len(rows),
+            "trial_ids": [r["id"] for r in rows],
+            "mlflow_run_ids": [r.get("mlflow_run_id") for r in rows],
+        }
+        for params, rows in groups.values()
+    ]
+
+
+def pareto_set(spec: SweepSpec, trials: dict[str, dict]) -> list[dict]:
+    """The configurations no other one beats on every objective (seed means), best first
+    on the primary objective."""
+    objs = spec.objectives
+    configs = configurations(spec, trials, [o.metric for o in objs])
+    # Oriented so that larger is better on every axis.
+    sign = [1 if o.mode == "max" else -1 for o in objs]
+    score = [
+        tuple(c["values"][o.metric] * g for o, g in zip(objs, sign, strict=True)) for c in configs
+    ]
+
+    def dominated(a: tuple) -> bool:
+        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for b in score)
+
+    front = [c for c, s in zip(configs, score, strict=True) if not dominated(s)]
+    return sorted(front, key=lambda c: c["values"][objs[0].metric], reverse=objs[0].mode == "max")
+
+
+def best_configuration(spec: SweepSpec, trials: dict[str, dict]) -> dict[str, Any] | None:
+    """The configuration whose seeds' mean objective is best (over finished/stopped trials).
+
+    With several objectives: the best on the first, with every objective's mean in
+    ``values`` and the Pareto set in ``pareto``.
+    """
+    primary = spec.primary
+    every = [o.metric for o in spec.objectives]
+    # Multi-objective: ranked among configurations that reported every objective (so the
+    # best has all its values and belongs to the same set as the Pareto set), falling back
+    # to those with the first objective alone.
+    configs = configurations(spec, trials, every) if spec.multi_objective else []
+    configs = configs or configurations(spec, trials, [primary.metric])
+    if not configs:
         return None
-    pick = max if spec.objective.mode == "max" else min
-    params, scored = pick(groups.values(), key=lambda g: statistics.mean(v for v, _ in g[1]))
-    values = [v for v, _ in scored]
-    return {
-        "params": params,
-        "metric": spec.objective.metric,
-        "value": statistics.mean(values),
-        "seeds": len(values),
-        "trial_ids": [r["id"] for _, r in scored],
-        "mlflow_run_ids": [r.get("mlflow_run_id") for _, r in scored],
+    pick = max if primary.mode == "max" else min
+    top = pick(configs, key=lambda c: c["values"][primary.metric])
+    best = {
+        "params": top["params"],
+        "metric": primary.metric,
+        "value": top["values"][primary.metric],
+        "seeds": top["seeds"],
+        "trial_ids": top["trial_ids"],
+        "mlflow_run_ids": top["mlflow_run_ids"],
     }
+    if spec.multi_objective:
+        best["values"] = top["values"]
+        best["pareto"] = pareto_set(spec, trials)
+    return best
 
 
 def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
@@ -468,7 +526,7 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
         return rec.update(status="failed", best=best, error=lost, pid=None)
     if best:
         return rec.update(status="succeeded", best=best, pid=None)
-    why = f"no trial reported {spec.objective.metric}"
+    why = f"no trial reported {spec.primary.metric}"
     if spec.budget.time_budget_s:
         why += f" within the time budget of {spec.budget.time_budget_s:g} s"
     return rec.update(status="failed", best=None, error=why, pid=None)
@@ -529,23 +587,27 @@ def _longest(spec: SweepSpec) -> int:
     return max(steps)
 
 
+def make_scheduler(spec: SweepSpec) -> ASHAScheduler | None:
+    """ASHA over trainer steps when the spec asks for early stopping; None otherwise."""
+    if spec.early_stopping is None:
+        return None
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=_longest(spec),
+        grace_period=spec.early_stopping.grace_period,
+        reduction_factor=spec.early_stopping.reduction_factor,
+    )
+
+
 def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParentRun) -> tune.Tuner:
-    scheduler = None
-    if spec.early_stopping is not None:
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=_longest(spec),
-            grace_period=spec.early_stopping.grace_period,
-            reduction_factor=spec.early_stopping.reduction_factor,
-        )
     logger = MlflowTrialLogger(spec, parent, str(rec.path))
     return tune.Tuner(
         trainable,
         tune_config=TuneConfig(
-            metric=spec.objective.metric,
-            mode=spec.objective.mode,
+            metric=spec.primary.metric,
+            mode=spec.primary.mode,
             search_alg=make_searcher(spec),
-            scheduler=scheduler,
+            scheduler=make_scheduler(spec),
             num_samples=(spec.budget.trials or 1) * spec.repeats,
             max_concurrent_trials=spec.budget.max_concurrent,
             time_budget_s=spec.budget.time_budget_s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optuna
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -36,18 +37,43 @@ def make_searcher(spec: SweepSpec) -> Searcher:
     # With its own space, OptunaSearch is never handed TuneConfig's metric: give it here too.
     warm = [dict(p) for p in spec.search.points if spec.search.in_space(p)]
     baselines = spec.baseline_points()
+    objs = spec.objectives
+    multi = spec.multi_objective
     searcher: Searcher = OptunaSearch(
         space=space,
-        metric=spec.objective.metric,
-        mode=spec.objective.mode,
+        metric=[o.metric for o in objs] if multi else objs[0].metric,
+        mode=[o.mode for o in objs] if multi else objs[0].mode,
         points_to_evaluate=warm or None,
         sampler=make_sampler(spec),
     )
     if baselines:
         searcher = Baselines(searcher, baselines)
     if spec.repeats > 1:
-        searcher = Repeater(searcher, repeat=spec.repeats, set_index=True)
+        searcher = MeanRepeater(searcher, repeat=spec.repeats, set_index=True)
     return searcher
+
+
+class MeanRepeater(Repeater):
+    """Ray's Repeater, telling the searcher the mean over seeds of every objective.
+
+    Ray's own averages one metric only; a multi-objective OptunaSearch has a list of them,
+    and each gets its mean (NaN-skipping, as Ray's does) here.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs) -> None:
+        metrics = self.searcher.metric
+        if not isinstance(metrics, list):
+            return super().on_trial_complete(trial_id, result, **kwargs)
+        group = self._trial_id_to_group[trial_id]
+        # A tuple per trial: Ray's group looks for None among its scores.
+        group.report(trial_id, tuple(float((result or {}).get(m, np.nan)) for m in metrics))
+        if group.finished_reporting():
+            means = np.nanmean(np.array(group.scores(), dtype=float), axis=0)
+            self.searcher.on_trial_complete(
+                group.primary_trial_id,
+                result=dict(zip(metrics, means.tolist(), strict=True)),
+                **kwargs,
+            )
 
 
 class Baselines(Searcher):

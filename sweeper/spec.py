@@ -13,7 +13,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -149,6 +151,13 @@ class Objective(BaseModel):
         raise ValueError(f"{v!r} is not a metric the trainer reports; one of {VAL_METRICS}")
 
 
+# One objective, or a list of several; tagged so that errors name only the form given.
+Objectives = Annotated[
+    Annotated[Objective, Tag("single")] | Annotated[list[Objective], Tag("several")],
+    Discriminator(lambda v: "several" if isinstance(v, list) else "single"),
+]
+
+
 class Budget(BaseModel):
     model_config = _STRICT
     trials: int | None = Field(
@@ -193,7 +202,13 @@ class SweepSpec(BaseModel):
     experiment: str | None = Field(None, description="MLflow experiment; default: name.")
     trainer: dict[str, Any] = Field(default_factory=dict)
     search: Search
-    objective: Objective = Field(default_factory=Objective)
+    objective: Objectives = Field(
+        default_factory=Objective,
+        description="The metric to optimise, or a list of several for a multi-objective "
+        "sweep: Optuna then searches for their Pareto set (every configuration no other "
+        "beats on all of them), ASHA stops trials on the first, and `best` is the best "
+        "configuration on the first.",
+    )
     budget: Budget = Field(default_factory=Budget)
     repeats: int = Field(1, ge=1, description="Seeds per configuration; objective = their mean.")
     early_stopping: EarlyStopping | None = None
@@ -238,6 +253,19 @@ class SweepSpec(BaseModel):
                 err = e.errors()[0]
                 where = ".".join(str(x) for x in err["loc"])
                 raise ValueError(f"search.points.{i}.{where}: {err['msg']}") from None
+        if isinstance(self.objective, list):
+            if not self.objective:
+                raise ValueError("objective: name at least one metric")
+            seen = set()
+            for i, o in enumerate(self.objective):
+                if o.metric in seen:
+                    raise ValueError(f"objective.{i}.metric: {o.metric} is listed twice")
+                seen.add(o.metric)
+            if self.multi_objective and self.search.sampler == "cmaes":
+                raise ValueError(
+                    "search.sampler: cmaes optimises a single objective; a multi-objective "
+                    "sweep needs tpe, random, grid, gp or qmc"
+                )
         if self.experiment is None:
             self.experiment = self.name
         if self.search.sampler == "grid":
@@ -253,6 +281,20 @@ class SweepSpec(BaseModel):
         elif self.budget.trials is None:
             raise ValueError("budget.trials: may be null only with the grid sampler")
         return self
+
+    @property
+    def objectives(self) -> list[Objective]:
+        """Every objective, the first one primary."""
+        return list(self.objective) if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def primary(self) -> Objective:
+        """The objective ASHA stops on and `best` ranks by: the first."""
+        return self.objectives[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def baseline_points(self) -> list[dict[str, Any]]:
         """Points outside the space: run as trials, never told to the sampler."""
@@ -299,7 +341,7 @@ def spec_errors(err: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-_TAGS = {"float", "int", "categorical"}
+_TAGS = {"float", "int", "categorical", "single", "several"}
 
 
 def parse_spec(text: str, content_type: str = "yaml") -> SweepSpec:

@@ -553,7 +553,7 @@ class SweepParentRun:
                 Param("sampler", spec.search.sampler),
                 Param("trials", str(spec.budget.trials)),
                 Param("repeats", str(spec.repeats)),
-                Param("objective", f"{spec.objective.mode} {spec.objective.metric}"),
+                Param("objective", ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives)),
             ],
         )
         rec.update(
@@ -568,6 +568,11 @@ class SweepParentRun:
         metric = Metric(f"best/{best['metric']}", float(best["value"]), int(time.time() * 1000), 0)
         self._call(self.client.log_batch, self.run_id, metrics=[metric], params=params)
         self._call(self.client.set_tag, self.run_id, "best_trial_ids", ",".join(best["trial_ids"]))
+        if best.get("pareto") is not None:  # a multi-objective sweep: its Pareto set too
+            front = best["pareto"]
+            ids = ",".join(t for c in front for t in c["trial_ids"])
+            self._call(self.client.set_tag, self.run_id, "pareto_trial_ids", ids)
+            self._call(self.client.log_dict, self.run_id, front, "pareto.json")
 
     def end(self, status: str) -> None:
         """End the parent and any child still RUNNING (an interrupted trial) as KILLED."""

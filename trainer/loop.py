@@ -93,9 +93,14 @@ def shared_dataset(name: str) -> Dataset:
 
 
 def normalise(emb: np.ndarray, train_rows: np.ndarray, how: str) -> np.ndarray:
-    """Standardise with train statistics, or scale to unit norm (see TrainerConfig)."""
+    """Standardise with train statistics, or scale to unit norm (see TrainerConfig).
+
+    Patch embeddings ``[n, P, D]`` are standardised with the statistics of every train
+    image's patches, and each patch scaled on its own under ``l2``.
+    """
     if how == "standardize":
-        mu, sd = emb[train_rows].mean(0), emb[train_rows].std(0)
+        train = emb[train_rows].reshape(-1, emb.shape[-1])
+        mu, sd = train.mean(0), train.std(0)
         return (emb - mu) / np.maximum(sd, 1e-6)
     if how == "l2":
         return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
@@ -123,15 +128,26 @@ class QuestionGroups:
             self.groups.append((q, images, padded.to(device), mask.to(device), answers))
         self.sizes = np.array([len(g[1]) for g in self.groups], dtype=np.float64)
 
-    def batch(self, g: int, rows: torch.Tensor, emb: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+    def batch(
+        self, g: int, rows: torch.Tensor, emb: torch.Tensor, patches: torch.Tensor | None = None
+    ) -> tuple[Batch, torch.Tensor]:
         q, images, ids, mask, answers = self.groups[g]
         img = images[rows]
         ids_b, mask_b = ids[rows], mask[rows]
         a = int(mask_b.sum(1).max())  # trim padding no example in this batch needs
         b = Batch(q, emb[img], ids_b[:, :a], mask_b[:, :a], [answers[i] for i in rows.tolist()])
+        if patches is not None:
+            b.patches = patches[img]
         return b, img
 
-    def sample(self, seed: int, step: int, batch_size: int, emb: torch.Tensor) -> Batch:
+    def sample(
+        self,
+        seed: int,
+        step: int,
+        batch_size: int,
+        emb: torch.Tensor,
+        patches: torch.Tensor | None = None,
+    ) -> Batch:
         """The batch of a step is a pure function of (seed, step): resume replays it exactly.
 
         One question per batch, so all items share the cached prefix (and a length).
@@ -140,7 +156,7 @@ class QuestionGroups:
         g = int(rng.choice(len(self.groups), p=self.sizes / self.sizes.sum()))
         n = len(self.groups[g][1])
         rows = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
-        return self.batch(g, rows, emb)[0]
+        return self.batch(g, rows, emb, patches)[0]
 
 
 def linear_probe_accuracy(
@@ -229,8 +245,12 @@ def train(
     lm_token_norm = lm.get_input_embeddings().weight.norm(dim=-1).mean().item()
 
     train_rows = np.unique([ex["image"] for ex in data.examples["train"]])
-    emb = torch.from_numpy(normalise(data.embeddings, train_rows, cfg.embedding_norm)).float()
+    emb = torch.from_numpy(normalise(data.pooled(), train_rows, cfg.embedding_norm)).float()
     emb = emb.to(device)
+    patches = None  # a patch dataset's patches, for the qformer projector
+    if data.patches > 1 and cfg.projector == "qformer":
+        patches = normalise(data.embeddings, train_rows, cfg.embedding_norm)
+        patches = torch.from_numpy(patches).float().to(device)
     probe = Probe(data, cfg.probe_questions)
     train_groups = QuestionGroups(probe.asked(data.examples["train"]), prompts, device)
     val_examples = probe.asked(data.examples["val"])[: cfg.eval_examples]
@@ -244,6 +264,8 @@ def train(
         cfg.projector_hidden,
         kind=cfg.projector,
         experts=cfg.projector_experts,
+        layers=cfg.qformer_layers,
+        patches=data.patches,
     ).to(device)
     head = ReconHead(lm_dim, cfg.token_expansion, data.dim, cfg.recon_head).to(device)
     balance = LossBalance(cfg.reg_balance).to(device)
@@ -268,6 +290,10 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp)
 
+    def project(rows: torch.Tensor) -> torch.Tensor:
+        """The projected tokens of these images."""
+        return projector(emb[rows], None if patches is None else patches[rows])
+
     def evaluate() -> dict[str, float]:
         projector.eval(), head.eval()
         nll = n_tok = reg = 0.0
@@ -277,8 +303,8 @@ def train(
             for g, (q, images, *_rest) in enumerate(val_groups.groups):
                 for i in range(0, len(images), cfg.batch_size):
                     rows = torch.arange(i, min(i + cfg.batch_size, len(images)))
-                    b, _ = val_groups.batch(g, rows, emb)
-                    tokens = projector(b.embeddings)
+                    b, _ = val_groups.batch(g, rows, emb, patches)
+                    tokens = projector(b.embeddings, b.patches)
                     reg += reg_loss(head(tokens), b.embeddings).sum().item()
                     logits = answer_logits(lm, prompts, b, tokens).float()
                     k = int(b.answer_mask.sum())
@@ -292,7 +318,7 @@ def train(
                     n += len(rows)
         if probe.questions:
             with torch.no_grad():
-                out_probe = probe.score(lambda rows: projector(emb[rows.to(device)]).flatten(1))
+                out_probe = probe.score(lambda rows: project(rows.to(device)).flatten(1))
         projector.train(), head.train()
         acc = torch.cat(hits).float().mean().item()
         out = {"val/accuracy": acc, "val/loss_lm": nll / n_tok, "val/loss_reg": reg / n}
@@ -313,9 +339,9 @@ def train(
     for step in range(start + 1, cfg.max_steps + 1):
         lam = cfg.reg_weight(step)
         ae = cfg.in_ae_stage(step)  # reconstruction alone: the LM is not run
-        batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb)
+        batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb, patches)
         with autocast():
-            tokens = projector(batch.embeddings)
+            tokens = projector(batch.embeddings, batch.patches)
             loss_reg = reg_loss(head(tokens), batch.embeddings).mean()
             loss_lm = None if ae else lm_loss(answer_logits(lm, prompts, batch, tokens), batch)
         if not (torch.isfinite(loss_reg) and (ae or torch.isfinite(loss_lm))):

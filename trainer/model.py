@@ -23,6 +23,46 @@ def _mlp2x_gelu(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
+class QFormerBlock(nn.Module):
+    """Pre-norm self-attention over the queries, cross-attention to the patches, an MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(width) for _ in range(3))
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = _mlp2x_gelu(width, 4 * width, width)
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        x = self.norm_self(q)
+        q = q + self.self_attn(x, x, x, need_weights=False)[0]
+        q = q + self.cross_attn(self.norm_cross(q), memory, memory, need_weights=False)[0]
+        return q + self.mlp(self.norm_mlp(q))
+
+
+class QFormer(nn.Module):
+    """A small Q-Former (BLIP-2's bridge, without its text branch): ``k`` learned queries
+    attend to the image's patch embeddings (plus a learned position per patch) and become
+    the ``k`` LLM tokens."""
+
+    def __init__(self, in_dim: int, lm_dim: int, k: int, width: int, layers: int, patches: int):
+        super().__init__()
+        heads = next(h for h in (8, 4, 2, 1) if width % h == 0 and (width // h >= 16 or h == 1))
+        self.inp = nn.Linear(in_dim, width)
+        self.pos = nn.Parameter(torch.randn(patches, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(k, width) * 0.02)
+        self.blocks = nn.ModuleList(QFormerBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, lm_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        memory = self.inp(patches) + self.pos
+        q = self.queries.expand(patches.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, memory)
+        return self.out(self.norm(q))
+
+
 class Projector(nn.Module):
     """Image embedding -> ``k`` LLM token embeddings.
 
@@ -32,6 +72,8 @@ class Projector(nn.Module):
       embedding and mixes them by their renormalised softmax gates. ``aux_loss`` holds the
       last forward's load-balancing loss (Switch Transformer's E·Σ f_e·P_e over the top-2
       slots: 1 when the experts share the load evenly, E when one takes it all).
+    - ``qformer``: :class:`QFormer` over the image's ``patches`` embeddings (one, the
+      pooled embedding itself, for a dataset without patches).
     """
 
     def __init__(
@@ -42,13 +84,17 @@ class Projector(nn.Module):
         hidden: int | None = None,
         kind: str = "mlp",
         experts: int = 4,
+        layers: int = 2,
+        patches: int = 1,
     ):
         super().__init__()
         self.k, self.lm_dim, self.kind = k, lm_dim, kind
         hidden = hidden or lm_dim
         out = k * lm_dim
         self.aux_loss: torch.Tensor | None = None
-        if kind == "moe":
+        if kind == "qformer":
+            self.qformer = QFormer(in_dim, lm_dim, k, hidden, layers, patches)
+        elif kind == "moe":
             self.router = nn.Linear(in_dim, experts)
             self.experts = nn.ModuleList(_mlp2x_gelu(in_dim, hidden, out) for _ in range(experts))
         else:
@@ -56,7 +102,14 @@ class Projector(nn.Module):
         if kind == "mlp_residual":
             self.skip = nn.Linear(in_dim, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: the pooled embeddings ``[B, D]``; ``patches``: ``[B, P, D]`` when the
+        dataset has them (only ``qformer`` reads them)."""
+        if self.kind == "qformer":
+            if patches is None:
+                assert self.qformer.pos.shape[0] == 1, "a qformer built for patches needs them"
+                patches = x[:, None]
+            return self.qformer(patches)
         if self.kind == "moe":
             y = self._moe(x)
         else:
@@ -185,10 +238,11 @@ class Batch:
     """One question group: ``B`` examples sharing a question (so they share a prefix)."""
 
     question: str
-    embeddings: torch.Tensor  # [B, D], normalised
+    embeddings: torch.Tensor  # [B, D], normalised (a patch dataset's: pooled)
     answer_ids: torch.Tensor  # [B, A], right-padded, each ends with eos
     answer_mask: torch.Tensor  # [B, A] bool
     answers: list[str]
+    patches: torch.Tensor | None = None  # [B, P, D], normalised, for a patch dataset
 
 
 def _cache_kw(lm, cache) -> dict:

@@ -207,3 +207,92 @@ def test_every_example_is_valid(path):
             spec.trainer_config(point)
     else:  # a `sweeper train` config
         TrainerConfig.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("objective", "sampler", "line"),
+    [
+        (
+            [{"metric": "val/accuracy"}, {"metric": "val/accuracy", "mode": "min"}],
+            "tpe",
+            "objective.1.metric: val/accuracy is listed twice",
+        ),
+        (
+            [{"metric": "val/accuracy"}, {"metric": "val/loss_reg", "mode": "min"}],
+            "cmaes",
+            "search.sampler: cmaes optimises a single objective",
+        ),
+        ([], "tpe", "objective: name at least one metric"),
+        ([{"metric": "val/nope"}], "tpe", "objective.0.metric: "),
+    ],
+)
+def test_bad_multi_objective_specs_are_refused(tiny_spec, objective, sampler, line):
+    search = tiny_spec()["search"] | {"sampler": sampler}
+    errors = _errors(tiny_spec(objective=objective, search=search))
+    assert any(e.startswith(line) for e in errors), errors
+
+
+def test_multi_objective_searcher_gets_every_metric_and_the_seed_means():
+    spec = SweepSpec.model_validate(
+        {
+            "name": "mo",
+            "trainer": {"model": "tiny-llama"},
+            "search": {"space": {"reg_constant": {"type": "float", "low": 0.01, "high": 1}}},
+            "objective": [
+                {"metric": "val/accuracy", "mode": "max"},
+                {"metric": "val/loss_reg", "mode": "min"},
+            ],
+            "repeats": 2,
+        }
+    )
+    assert spec.multi_objective and spec.primary.metric == "val/accuracy"
+    searcher = make_searcher(spec)
+    inner = searcher.searcher
+    assert inner.metric == ["val/accuracy", "val/loss_reg"]
+    searcher.suggest("a"), searcher.suggest("b")  # the two seeds of one configuration
+    searcher.on_trial_complete("a", {"val/accuracy": 0.5, "val/loss_reg": 0.2})
+    searcher.on_trial_complete("b", {"val/accuracy": 0.7, "val/loss_reg": float("nan")})
+    told = inner._ot_study.trials[0]
+    assert told.values == pytest.approx([0.6, 0.2])  # mean per objective, NaN skipped
+
+
+def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
+    from sweeper.driver import pareto_set
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "mo",
+            "search": {"space": {"reg_constant": {"type": "float", "low": 0.01, "high": 1}}},
+            "objective": [
+                {"metric": "val/accuracy", "mode": "max"},
+                {"metric": "val/loss_reg", "mode": "min"},
+            ],
+        }
+    )
+    table = {  # λ: (accuracy, loss_reg), "a" and "b" are two seeds of λ = 0.1
+        "a": (0.1, 0.8, 0.5),
+        "b": (0.1, 0.6, 0.3),  # λ = 0.1 means (0.7, 0.4): on the front
+        "c": (0.2, 0.9, 0.6),  # best accuracy: on the front
+        "d": (0.3, 0.6, 0.45),  # beaten by λ = 0.1 on both
+        "e": (0.4, 0.5, 0.1),  # lowest reg loss: on the front
+        "f": (0.5, 0.7, 0.4),  # ties λ = 0.1 exactly: neither beats the other
+    }
+    rows = {
+        tid: {
+            "id": tid,
+            "status": "finished",
+            "params": {"reg_constant": lam},
+            "metrics": {"val/accuracy": acc, "val/loss_reg": reg},
+        }
+        for tid, (lam, acc, reg) in table.items()
+    }
+    rows["g"] = {
+        "id": "g",
+        "status": "failed",
+        "params": {"reg_constant": 0.9},
+        "metrics": {"val/accuracy": 1.0, "val/loss_reg": 0.0},
+    }
+    front = pareto_set(spec, rows)
+    assert [c["params"]["reg_constant"] for c in front] == [0.2, 0.1, 0.5, 0.4]
+    assert front[1]["values"] == pytest.approx({"val/accuracy": 0.7, "val/loss_reg": 0.4})
+    assert front[1]["seeds"] == 2 and front[1]["trial_ids"] == ["a", "b"]

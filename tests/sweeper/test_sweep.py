@@ -245,3 +245,57 @@ def test_cancel_file_stops_the_sweep_and_kills_its_runs(sweep_env, tiny_spec):
     assert client.get_run(state["mlflow"]["parent_run_id"]).info.status == "KILLED"
     res = CliRunner().invoke(app, ["cancel", rec.id])
     assert res.exit_code == 1 and "cancelled: nothing to cancel" in res.output
+
+
+def _dominates(a: tuple, b: tuple) -> bool:
+    return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+
+def test_multi_objective_sweep_returns_a_non_dominated_set(sweep_env, tiny_spec):
+    spec = tiny_spec(
+        objective=[
+            {"metric": "val/accuracy", "mode": "max"},
+            {"metric": "val/loss_reg", "mode": "min"},
+        ],
+        search={
+            "sampler": "grid",
+            "seed": 0,
+            "space": {
+                "reg_constant": {"type": "categorical", "choices": [0.01, 3.0]},
+                "projector": {"type": "categorical", "choices": ["mlp", "mlp_residual"]},
+            },
+        },
+        repeats=2,
+        budget={"trials": None, "max_concurrent": 2},
+    )
+    state, rec = _sweep(spec)
+    assert state["status"] == "succeeded" and len(state["trials"]) == 8
+    # Each configuration's seed means, oriented so that larger is better on both axes.
+    confs: dict = {}
+    for row in state["trials"].values():
+        key = tuple(sorted(row["params"].items()))
+        m = row["metrics"]
+        confs.setdefault(key, []).append((m["val/accuracy"], -m["val/loss_reg"]))
+    means = {k: tuple(np.mean(v, axis=0)) for k, v in confs.items()}
+    front = state["best"]["pareto"]
+    on = {tuple(sorted(c["params"].items())) for c in front}
+    assert on and all(c["seeds"] == 2 for c in front)
+    for k, point in means.items():
+        beaten = any(_dominates(other, point) for other in means.values())
+        assert (k in on) == (not beaten), (k, means)
+    for c in front:
+        got = c["values"]
+        want = means[tuple(sorted(c["params"].items()))]
+        assert (got["val/accuracy"], -got["val/loss_reg"]) == pytest.approx(want)
+    # The parent run and the report show the set.
+    client = MlflowClient(sweep_env)
+    parent = client.get_run(state["mlflow"]["parent_run_id"])
+    assert parent.data.params["objective"] == "max val/accuracy, min val/loss_reg"
+    assert set(parent.data.tags["pareto_trial_ids"].split(",")) == {
+        t for c in front for t in c["trial_ids"]
+    }
+    page = (rec.path / "report" / "report.html").read_text()
+    assert 'id="pareto"' in page and "<h2>Pareto set</h2>" in page
+    # The projector is a searched variant: compared with the default mlp at its best λ.
+    assert 'id="variants"' in page and "Does each variant beat the default?" in page
+    assert any(v in page for v in ("better", "worse", "no clear difference"))

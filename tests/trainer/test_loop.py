@@ -214,10 +214,23 @@ def test_loss_balancing_logs_its_weights_and_trains_both_losses(tiny_cfg, balanc
     assert last["train/loss_reg"] < first["train/loss_reg"]
 
 
-@pytest.mark.parametrize("kind", ["mlp", "mlp_residual", "moe"])
-def test_each_projector_variant_trains_with_both_losses_falling(tiny_cfg, kind):
+@pytest.mark.parametrize(
+    ("kind", "patches"),
+    [
+        ("mlp", False),
+        ("mlp_residual", False),
+        ("moe", False),
+        ("qformer", True),
+        ("qformer", False),
+        ("mlp", True),
+    ],
+)
+def test_each_projector_variant_trains_with_both_losses_falling(
+    tiny_cfg, tiny_patch_dataset, kind, patches
+):
     reports = []
-    cfg = tiny_cfg(max_steps=40, eval_every=40, reg_constant=1.0, projector=kind)
+    data = {"dataset": tiny_patch_dataset} if patches else {}
+    cfg = tiny_cfg(max_steps=40, eval_every=40, reg_constant=1.0, projector=kind, **data)
     result = train(cfg, lambda s, m: reports.append(m))
     first, last = reports[0], reports[-1]
     assert last["train/loss_lm"] < first["train/loss_lm"]

@@ -98,3 +98,21 @@ def test_residual_projector_carries_the_embedding_linearly():
     proj = Projector(48, 64, 1, kind="mlp_residual")
     x = torch.randn(3, 48)
     assert torch.allclose(proj(x).flatten(1), proj.net(x) + proj.skip(x))
+
+
+def test_qformer_queries_attend_to_the_patches():
+    torch.manual_seed(0)
+    proj = Projector(48, 64, 3, hidden=32, kind="qformer", layers=2, patches=4)
+    x = torch.randn(5, 4, 48)
+    out = proj(x.mean(1), x)
+    assert out.shape == (5, 3, 64)  # k tokens, whatever the number of patches
+    changed = x.clone()
+    changed[0, 2] += 1.0  # one patch of the first image
+    again = proj(changed.mean(1), changed)
+    assert not torch.allclose(again[0], out[0]) and torch.allclose(again[1:], out[1:])
+    # positions: the same patches in another order are another image
+    swapped = x[:, [1, 0, 2, 3]]
+    assert not torch.allclose(proj(swapped.mean(1), swapped), out)
+    # a pooled dataset: the pooled embedding is the only patch
+    pooled = Projector(48, 64, 2, hidden=32, kind="qformer", patches=1)
+    assert pooled(torch.randn(5, 48)).shape == (5, 2, 64)

@@ -64,12 +64,20 @@ def test_dataset_errors(tmp_path):
         load_dataset(str(tmp_path / "d"))
 
 
-def test_digits_through_the_real_encoder(tmp_path):
-    """Real sklearn digits through the real EfficientNet-Lite0 weights (a subset, small input)."""
-    out = build_digits(tmp_path / "digits", limit=40, image_size=64)
+@pytest.mark.parametrize("grid", [None, 3])
+def test_digits_through_the_real_encoder(tmp_path, grid):
+    """Real sklearn digits through the real EfficientNet-Lite0 weights (a subset, small input);
+    with ``grid``, the patch-level variant (digits-patches)."""
+    out = build_digits(tmp_path / "digits", limit=40, image_size=96, grid=grid)
     ds = load_dataset(str(out))
-    assert ds.embeddings.shape == (40, 1280) and np.isfinite(ds.embeddings).all()
-    assert ds.embeddings.std(0).mean() > 0.01  # features vary across images
+    shape = (40, 1280) if grid is None else (40, grid * grid, 1280)
+    assert ds.embeddings.shape == shape and np.isfinite(ds.embeddings).all()
+    assert ds.patches == (grid * grid if grid else 1) and ds.pooled().shape == (40, 1280)
+    assert ds.pooled().std(0).mean() > 0.01  # features vary across images
+    if grid:  # the patches of one image differ: each sees its own part of the digit
+        assert ds.embeddings[:, 0].std() > 0 and not np.allclose(
+            ds.embeddings[:, 0], ds.embeddings[:, 4]
+        )
     n = sum(len(v) for v in ds.examples.values())
     assert n == 40 * len(DIGIT_QUESTIONS)
     assert set(ds.choices) == set(DIGIT_QUESTIONS)
