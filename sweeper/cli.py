@@ -151,24 +151,39 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def trials_table(state: dict, title: str | None = None) -> Table:
-    """The trial table: state, λ, k, seed, step, both losses and accuracy per trial."""
+    """The trial table: state, λ, k, any other searched field, seed, step, both losses and
+    accuracy per trial (and the probe's accuracy when the trainer reports it)."""
+    rows = list(state.get("trials", {}).values())
+    extra = list(
+        dict.fromkeys(
+            k
+            for row in rows
+            for k in (row.get("params") or {})
+            if k not in ("reg_constant", "token_expansion")
+        )
+    )
+    probe = any("val/probe_accuracy" in (row.get("metrics") or {}) for row in rows)
     table = Table(title=title)
-    for col in _TRIAL_COLUMNS:
-        left = col in ("trial", "state")
+    cols = [*_TRIAL_COLUMNS[:4], *extra, *_TRIAL_COLUMNS[4:], *(["probe acc"] if probe else [])]
+    for col in cols:
+        left = col in ("trial", "state", *extra)
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
     colours = {"finished": "green", "failed": "red", "stopped": "yellow", "running": "cyan"}
-    for row in state.get("trials", {}).values():
+    for row in rows:
         m, st = row.get("metrics") or {}, row["status"]
+        params = row.get("params") or {}
         table.add_row(
             row["id"],
             f"[{colours.get(st, 'white')}]{st}[/]",
             _fmt(row.get("reg_constant")),
             _fmt(row.get("token_expansion")),
+            *(_fmt(params.get(k)) for k in extra),
             _fmt(row.get("seed")),
             _fmt(row.get("step")),
             _fmt(m.get("train/loss_lm"), ".3f"),
             _fmt(m.get("train/loss_reg"), ".3f"),
             _fmt(m.get("val/accuracy"), ".3f"),
+            *([_fmt(m.get("val/probe_accuracy"), ".3f")] if probe else []),
         )
     return table
 

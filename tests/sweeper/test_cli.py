@@ -128,3 +128,29 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, config, extra, args, 
 def test_missing_config_file(tmp_path):
     proc = run(["train", "nope.yaml"], tmp_path)
     assert proc.returncode == 1 and "config file not found: nope.yaml" in proc.stderr
+
+
+def test_trial_table_shows_every_searched_field_and_the_probe():
+    from rich.console import Console
+
+    from sweeper.cli import trials_table
+
+    row = {
+        "id": "t1",
+        "status": "finished",
+        "params": {"projector": "qformer", "reg_constant": 0.1},
+        "reg_constant": 0.1,
+        "token_expansion": 1,
+        "seed": 0,
+        "step": 120,
+        "metrics": {"val/accuracy": 0.823, "val/probe_accuracy": 0.888},
+    }
+    console = Console(width=200, record=True)
+    console.print(trials_table({"trials": {"t1": row}}))
+    text = console.export_text()
+    head = next(line for line in text.splitlines() if "trial" in line)
+    assert head.index("k") < head.index("projector") < head.index("seed")
+    assert "probe acc" in head and "qformer" in text and "0.888" in text
+    plain = dict(row, params={"reg_constant": 0.1}, metrics={"val/accuracy": 0.8})
+    console.print(trials_table({"trials": {"t1": plain}}))
+    assert "probe acc" not in console.export_text() and "projector" not in console.export_text()
