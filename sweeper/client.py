@@ -27,20 +27,39 @@ class ServiceError(Exception):
 
 
 class SweeperClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+    """``retry_s``: how long a read (GET) waits out a service whose database is away (503,
+    with its Retry-After) before it gives up; writes are never repeated."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.url = url.rstrip("/")
+        self.retry_s = retry_s
         token = token if token is not None else os.environ.get("SWEEPER_API_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def _call(self, method: str, path: str, **kw) -> Any:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise ServiceError(0, [f"cannot reach the service at {self.url}: {e}"]) from None
-        if r.status_code >= 400:
-            raise ServiceError(r.status_code, _error_lines(r))
-        return r.json()
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.HTTPError as e:
+                raise ServiceError(0, [f"cannot reach the service at {self.url}: {e}"]) from None
+            wait = _retry_after(r)
+            if method == "GET" and wait is not None and time.monotonic() + wait < deadline:
+                time.sleep(wait)
+                continue
+            if r.status_code >= 400:
+                raise ServiceError(r.status_code, _error_lines(r))
+            return r.json()
 
     def submit(self, spec: str | dict, content_type: str = "application/yaml") -> dict:
         """POST a spec (YAML/JSON text, or a dict); returns the queued sweep."""
@@ -91,11 +110,11 @@ class SweeperClient:
                     params={"after": last},
                     timeout=httpx.Timeout(30.0, read=60.0),
                 ) as r:
-                    if r.status_code == 503 and failures < 60:  # its database is away: wait
+                    wait = _retry_after(r)
+                    if wait is not None and failures < 60:  # its database is away: wait
                         r.read()
                         failures += 1
-                        wait_s = r.headers.get("retry-after", "")
-                        time.sleep(min(int(wait_s), 10) if wait_s.isdigit() else 1.0)
+                        time.sleep(wait)
                         continue
                     if r.status_code >= 400:
                         r.read()
@@ -111,6 +130,15 @@ class SweeperClient:
                 if failures > 60:
                     raise ServiceError(0, [f"lost the service at {self.url}: {e}"]) from None
                 time.sleep(1.0)
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    """Seconds to wait before asking again, for a 503 (the service's database is away);
+    None for any other answer."""
+    if r.status_code != 503:
+        return None
+    wait_s = r.headers.get("retry-after", "")
+    return min(int(wait_s), 10) if wait_s.isdigit() else 1.0
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict]]:
