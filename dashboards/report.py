@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from dashboards.data import SweepData, Trial, load_sweep
+from dashboards.data import SweepData, Trial, _typed, load_sweep
 
 CURVE_KEYS = (
     "train/loss_lm",
@@ -526,22 +526,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_LAM_K = ("reg_constant", "token_expansion")
+
+
 def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], list[list]]:
-    head = [
-        "trial",
-        "state",
-        "λ",
-        "k",
-        "seed",
-        "step",
-        "val/accuracy",
-        "val/loss_lm",
-        "val/loss_reg",
-        "train/loss_lm",
-        "train/loss_reg",
-        "MLflow run",
-        "error",
-    ]
+    # Every searched field beyond λ and k gets a column, and so does every objective.
+    extra = [k for k in (data.spec.search.space if data.spec else ()) if k not in _LAM_K]
+    keys = ["val/accuracy", "val/loss_lm", "val/loss_reg", "train/loss_lm", "train/loss_reg"]
+    keys += [o.metric for o in (data.spec.objectives if data.spec else []) if o.metric not in keys]
+    head = ["trial", "state", "λ", "k", *extra, "seed", "step", *keys, "MLflow run", "error"]
     rows = []
     for t in data.trials:
         link = t.run_id
@@ -554,18 +547,10 @@ def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], 
                 t.status,
                 t.reg_constant,
                 t.token_expansion,
+                *(_typed(t.params.get(k)) for k in extra),
                 t.seed,
                 t.step,
-                *(
-                    _last(t, k)
-                    for k in (
-                        "val/accuracy",
-                        "val/loss_lm",
-                        "val/loss_reg",
-                        "train/loss_lm",
-                        "train/loss_reg",
-                    )
-                ),
+                *(_last(t, k) for k in keys),
                 link,
                 t.error or "",
             ]

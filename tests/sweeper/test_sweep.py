@@ -298,4 +298,5 @@ def test_multi_objective_sweep_returns_a_non_dominated_set(sweep_env, tiny_spec)
     assert 'id="pareto"' in page and "<h2>Pareto set</h2>" in page
     # The projector is a searched variant: compared with the default mlp at its best λ.
     assert 'id="variants"' in page and "Does each variant beat the default?" in page
+    assert "<th>projector</th>" in page  # the trial table shows every searched field
     assert any(v in page for v in ("better", "worse", "no clear difference"))
