@@ -34,6 +34,7 @@ import numpy as np
 from scipy import stats
 
 from dashboards.data import SweepData, Trial, _typed, load_sweep
+from sweeper.spec import pareto_front
 
 CURVE_KEYS = (
     "train/loss_lm",
@@ -329,13 +330,8 @@ def _pareto(data: SweepData) -> tuple[list[dict[str, Any]], list[int]]:
     (seed means; none beaten on every objective by another)."""
     objs = data.spec.objectives
     confs = _by_configuration(data, [o.metric for o in objs])
-    sign = np.array([1 if o.mode == "max" else -1 for o in objs])
-    means = np.array([[statistics.fmean(c[o.metric]) for o in objs] for c in confs])
-    means = means.reshape(len(confs), len(objs)) * sign
-    front = [
-        i for i, a in enumerate(means) if not any((b >= a).all() and (b > a).any() for b in means)
-    ]
-    return confs, front
+    means = [[statistics.fmean(c[o.metric]) for o in objs] for c in confs]
+    return confs, pareto_front(means, [o.mode for o in objs])
 
 
 def fig_pareto(data: SweepData):

@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.stopper import Stopper
 
 from sweeper.search import make_searcher
-from sweeper.spec import SweepSpec
+from sweeper.spec import SweepSpec, pareto_front
 from sweeper.storage import atomic_local_fs
 from sweeper.store import LISTENERS, SweepRecord
 from sweeper.tracking import (
@@ -379,16 +379,8 @@ def pareto_set(spec: SweepSpec, trials: dict[str, dict]) -> list[dict]:
     on the primary objective."""
     objs = spec.objectives
     configs = configurations(spec, trials, [o.metric for o in objs])
-    # Oriented so that larger is better on every axis.
-    sign = [1 if o.mode == "max" else -1 for o in objs]
-    score = [
-        tuple(c["values"][o.metric] * g for o, g in zip(objs, sign, strict=True)) for c in configs
-    ]
-
-    def dominated(a: tuple) -> bool:
-        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for b in score)
-
-    front = [c for c, s in zip(configs, score, strict=True) if not dominated(s)]
+    values = [[c["values"][o.metric] for o in objs] for c in configs]
+    front = [configs[i] for i in pareto_front(values, [o.mode for o in objs])]
     return sorted(front, key=lambda c: c["values"][objs[0].metric], reverse=objs[0].mode == "max")
 
 

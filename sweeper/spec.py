@@ -151,6 +151,18 @@ class Objective(BaseModel):
         raise ValueError(f"{v!r} is not a metric the trainer reports; one of {VAL_METRICS}")
 
 
+def pareto_front(values: list[list[float]], modes: list[str]) -> list[int]:
+    """Indices of the rows of ``values`` (one value per objective) that no other row beats:
+    at least as good on every objective and better on one, each in its ``mode``."""
+    sign = [1 if m == "max" else -1 for m in modes]
+    scored = [[v * g for v, g in zip(row, sign, strict=True)] for row in values]
+
+    def beaten(a: list[float]) -> bool:
+        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for b in scored)
+
+    return [i for i, a in enumerate(scored) if not beaten(a)]
+
+
 # One objective, or a list of several; tagged so that errors name only the form given.
 Objectives = Annotated[
     Annotated[Objective, Tag("single")] | Annotated[list[Objective], Tag("several")],
