@@ -43,6 +43,7 @@ CURVE_KEYS = (
     "train/grad_norm_lm",
     "train/grad_norm_reg",
 )
+_LAM_K = ("reg_constant", "token_expansion")  # the note's two axes; other fields are variants
 COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -313,8 +314,7 @@ def _by_configuration(data: SweepData, keys: list[str]) -> list[dict[str, Any]]:
             continue
         conf = t.searched(data.spec)
         key = tuple(sorted((k, str(v)) for k, v in conf.items()))
-        g = groups.setdefault(key, {"params": conf, "trials": [], **{k: [] for k in keys}})
-        g["trials"].append(t)
+        g = groups.setdefault(key, {"params": conf, **{k: [] for k in keys}})
         for k, v in zip(keys, values, strict=True):
             g[k].append(v)
     return list(groups.values())
@@ -388,7 +388,7 @@ def _variant_fields(data: SweepData) -> dict[str, Any]:
         return {}
     out = {}
     for name, p in data.spec.search.space.items():
-        if name in ("reg_constant", "token_expansion") or not hasattr(p, "choices"):
+        if name in _LAM_K or not hasattr(p, "choices"):
             continue
         ref = data.spec.trainer.get(name, TrainerConfig.model_fields[name].default)
         if ref in p.choices and len(p.choices) > 1:
@@ -520,9 +520,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-_LAM_K = ("reg_constant", "token_expansion")
 
 
 def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], list[list]]:
