@@ -107,10 +107,17 @@ def _train_one(settings: dict, lam: float, k: int) -> dict:
     }
 
 
-def fill_table(settings: dict, workers: int, expansions: tuple[int, ...]) -> dict:
-    path = table_path(settings)
+def fill_table(
+    settings: dict, workers: int, expansions: tuple[int, ...], path: Path | None = None
+) -> dict:
+    path = path or table_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.exists() else {"settings": settings, "runs": []}
+    if table["settings"] != settings:
+        raise SystemExit(
+            f"{path}: its table was trained with {table['settings']}, not {settings}; "
+            "name another --table file"
+        )
     done = {(r["reg_constant"], r["token_expansion"]) for r in table["runs"]}
     todo = [(lam, k) for k in expansions for lam in LAMBDAS if (lam, k) not in done]
     if todo:
@@ -284,6 +291,12 @@ def main() -> None:
         choices=EXPANSIONS,
         help="the k of the table and the search space",
     )
+    ap.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="the table's file (default: the cache); name one in the repository to keep it",
+    )
     ap.add_argument("--search-seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=24, help="trials per tpe/random sweep")
     ap.add_argument("--grace", type=int, default=None, help="ASHA grace period (steps)")
@@ -294,7 +307,7 @@ def main() -> None:
 
     settings = table_settings(args)
     expansions = tuple(sorted(args.expansions))
-    table = fill_table(settings, args.workers, expansions)
+    table = fill_table(settings, args.workers, expansions, args.table)
     curves = {(r["reg_constant"], r["token_expansion"]): r["curve"] for r in table["runs"]}
     best = max(c[-1][1] for c in curves.values())
     target = best - args.tolerance
