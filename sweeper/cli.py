@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -22,8 +23,9 @@ app = typer.Typer(
     add_completion=False,
     help="Hyperparameter sweeps for multimodal-LLM projector regularisation research.",
 )
-# Pipes and CI logs get 120 columns, not rich's 80, so the trial table is not cut.
-console = Console(width=None if sys.stdout.isatty() else 120)
+# Pipes and CI logs get 200 columns, not rich's 80, so the trial table is not cut (a
+# sweep of five searched fields with the probe needs about 160).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
@@ -194,6 +196,73 @@ def _summary(state: dict) -> str:
     return f"sweep {state['id']}: {state['status']} ({parts})"
 
 
+class _Display:
+    """The live trial table on a terminal. Without one (a log file, CI, nohup) rich would
+    show the table only once, at the end, so a line is printed instead whenever a trial
+    starts, ends or is retried: elapsed time, trials ended of the total, and the trial's
+    configuration and figures."""
+
+    _ENDED = ("finished", "stopped", "failed")
+
+    def __init__(self, state: dict, total: int | None = None):
+        self.total = total
+        self.live = None
+        # Trials already known (a resumed or followed sweep) are not announced again.
+        self.seen = {tid: row.get("status") for tid, row in state.get("trials", {}).items()}
+        self.t0 = time.monotonic()
+        if console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(
+                trials_table(state, title=_summary(state)), console=console, refresh_per_second=2
+            )
+        self.state = state
+
+    def __enter__(self) -> _Display:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        else:  # the whole table once, at the end, as the live view would have left it
+            console.print(trials_table(self.state, title=_summary(self.state)))
+
+    def update(self, state: dict) -> None:
+        self.state = state
+        if self.live is not None:
+            self.live.update(trials_table(state, title=_summary(state)))
+            return
+        trials = state.get("trials", {})
+        for tid, row in trials.items():
+            status = row.get("status")
+            if self.seen.get(tid) == status:
+                continue
+            self.seen[tid] = status
+            ended = sum(r.get("status") in self._ENDED for r in trials.values())
+            console.print(self.line(row, ended), highlight=False, soft_wrap=True)
+
+    def line(self, row: dict, ended: int) -> str:
+        secs = int(time.monotonic() - self.t0)
+        clock = f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+        of = f"{ended}/{self.total}" if self.total else str(ended)
+        short = {"reg_constant": "λ", "token_expansion": "k"}
+        conf = ", ".join(
+            f"{short.get(k, k)}={_fmt(v)}" for k, v in (row.get("params") or {}).items()
+        )
+        text = f"[{clock}] {of} ended | trial {row['id']} {row.get('status')}: {conf}"
+        text += f", seed {_fmt(row.get('seed'))}"
+        m = row.get("metrics") or {}
+        if row.get("status") in ("finished", "stopped") and "val/accuracy" in m:
+            text += f" | step {_fmt(row.get('step'))}, val acc {m['val/accuracy']:.3f}"
+            if "val/probe_accuracy" in m:
+                text += f", probe acc {m['val/probe_accuracy']:.3f}"
+        if row.get("error"):
+            text += f" | {str(row['error']).strip().splitlines()[-1]}"
+        return text
+
+
 def _print_outcome(state: dict) -> None:
     console.print(_summary(state))
     best = state.get("best")
@@ -222,14 +291,14 @@ def _print_outcome(state: dict) -> None:
 
 
 def _drive(rec, resume: bool) -> None:
-    from rich.live import Live
-
     from sweeper import driver
 
-    with Live(trials_table(rec.read()), console=console, refresh_per_second=2) as live:
+    spec = rec.spec()
+    total = spec.budget.trials * spec.repeats if spec.budget.trials else None
+    with _Display(rec.read(), total) as live:
 
         def show(state: dict) -> None:
-            live.update(trials_table(state, title=_summary(state)))
+            live.update(state)
 
         driver.LISTENERS.append(show)
         try:
@@ -246,7 +315,7 @@ def _drive(rec, resume: bool) -> None:
             )
         finally:
             driver.LISTENERS.remove(show)
-        live.update(trials_table(state, title=_summary(state)))
+        live.update(state)
     console.print()
     _print_outcome(state)
     if state["status"] == "failed":
@@ -309,23 +378,23 @@ def _remote_state(client, sweep_id: str) -> dict:
 
 
 def _watch(client, sweep_id: str) -> dict:
-    """Follow a sweep's events with the live trial table until it ends."""
-    from rich.live import Live
-
+    """Follow a sweep's events with the live trial table (lines, without a terminal) until
+    it ends."""
     from sweeper.client import ServiceError
 
     state = _remote_state(client, sweep_id)
+    spec = state.get("spec") or {}
+    trials = (spec.get("budget") or {}).get("trials")
+    total = trials * spec.get("repeats", 1) if trials else None
     try:
-        with Live(
-            trials_table(state, title=_summary(state)), console=console, refresh_per_second=2
-        ) as live:
+        with _Display(state, total) as live:
             for kind, data in client.events(sweep_id):
                 if kind == "sweep":
                     state["status"] = data["status"]
                     state["best"] = data.get("best")
                 elif kind.startswith("trial_"):
                     state["trials"][data["id"]] = data
-                live.update(trials_table(state, title=_summary(state)))
+                live.update(state)
     except ServiceError as e:
         _fail(e.lines)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def test_cli_submit_watch_and_list_through_the_server(service, sqlite_url, api_s
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "succeeded (2 finished)" in out and "best: val/accuracy = " in out
+    assert re.search(r"\] 2/2 ended \| trial \w+ finished: ", out), out  # a line per trial
     assert "MLflow: http://mlflow.example:5000/#/experiments/" in out
     res = subprocess.run([*cmd, "list"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "succeeded" in res.stdout and "cli-" in res.stdout

@@ -154,3 +154,66 @@ def test_trial_table_shows_every_searched_field_and_the_probe():
     plain = dict(row, params={"reg_constant": 0.1}, metrics={"val/accuracy": 0.8})
     console.print(trials_table({"trials": {"t1": plain}}))
     assert "probe acc" not in console.export_text() and "projector" not in console.export_text()
+
+
+def test_a_log_file_gets_the_whole_trial_table_of_a_five_field_sweep():
+    from rich.console import Console
+
+    from sweeper import cli
+
+    assert not cli.console.is_terminal  # pytest captures stdout: as a log file would
+    params = {
+        "reg_schedule": "cosine_decay",
+        "projector": "mlp_residual",
+        "reg_balance": "running_mean",
+        "reg_constant": 4.7351,
+        "token_expansion": 4,
+    }
+    metrics = {"val/accuracy": 0.81, "val/probe_accuracy": 0.9, "train/loss_lm": 0.1}
+    row = {"id": "6dd4a06b", "status": "finished", "params": params, "reg_constant": 4.7351}
+    row |= {"token_expansion": 4, "seed": 0, "step": 120, "metrics": metrics}
+    console = Console(width=cli.console.width, record=True)
+    console.print(cli.trials_table({"trials": {"t1": row}}))
+    text = console.export_text()
+    assert "…" not in text, text  # nothing cut
+    for cell in ("probe acc", "cosine_decay", "running_mean", "mlp_residual", "4.735", "0.900"):
+        assert cell in text, text
+
+
+def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
+    """A sweep run into a log file (CI, nohup) shows its progress as it goes, not only a
+    table at the end: one line per trial state change, with the count ended of the total."""
+    from rich.console import Console
+
+    from sweeper import cli
+
+    out = Console(width=300, record=True, force_terminal=False)
+    monkeypatch.setattr(cli, "console", out)
+
+    def row(tid, status, **kw):
+        params = {"projector": "qformer", "reg_constant": 0.1}
+        return {"id": tid, "status": status, "params": params, "seed": 0, **kw}
+
+    def state(**trials):
+        return {"id": "s1", "status": "running", "trials": trials}
+
+    old = {"t0": row("t0", "finished", step=120, metrics={"val/accuracy": 0.5})}
+    with cli._Display(state(**old), total=3) as shown:  # t0 is not announced again
+        shown.update(state(**old, t1=row("t1", "running")))
+        shown.update(state(**old, t1=row("t1", "running", step=40)))  # no change: no line
+        done = row("t1", "finished", step=120, metrics={"val/accuracy": 0.81234})
+        done["metrics"]["val/probe_accuracy"] = 0.9
+        shown.update(state(**old, t1=done))
+        failed = row("t2", "failed", error="Traceback ...\nRuntimeError: out of memory")
+        shown.update(state(**old, t1=done, t2=failed))
+    text = out.export_text()
+    lines = [ln for ln in text.splitlines() if "| trial " in ln]
+    assert len(lines) == 3, lines
+    assert "1/3 ended | trial t1 running: projector=qformer, λ=0.1, seed 0" in lines[0]
+    assert "2/3 ended | trial t1 finished" in lines[1]
+    assert "step 120, val acc 0.812, probe acc 0.900" in lines[1]
+    assert "3/3 ended | trial t2 failed" in lines[2] and lines[2].endswith("out of memory")
+    assert "t0" not in "\n".join(lines)
+    # and the whole table once at the end, as the live view leaves it
+    table = text[text.index(lines[-1]) + len(lines[-1]) :]
+    assert "sweep s1: running (1 failed, 2 finished)" in table and "0.812" in table

@@ -1,6 +1,7 @@
 """Real sweeps: Ray Tune on 2 CPUs, Optuna, a real MLflow sqlite store, the tiny model."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     before = SweepRecord.all()[-1].read()
     assert before["status"] == "interrupted", out
     assert f"sweeper resume {before['id']}" in out
+    # no terminal: progress came as a line per trial as it went, not only at the end
+    assert re.search(
+        r"\] [1-4]/5 ended \| trial \w+ finished: .*, seed \d+ \| step 600, val acc", out
+    ), out
     done_before = {k for k, t in before["trials"].items() if t["status"] == "finished"}
     assert done_before and len(done_before) < 5
 
