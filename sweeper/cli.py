@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 # Pipes and CI logs get 200 columns, not rich's 80, so the trial table is not cut (a
 # sweep of five searched fields with the probe needs about 160).
-console = Console(width=None if sys.stdout.isatty() else 200)
+LOG_WIDTH = 200
+console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
@@ -241,9 +242,11 @@ class _Display:
                 continue
             self.seen[tid] = status
             ended = sum(r.get("status") in self._ENDED for r in trials.values())
-            console.print(self.line(row, ended), highlight=False, soft_wrap=True)
+            # markup=False: an error's text ("[enforce fail at ...]") is printed as it is.
+            text = self.line(tid, row, ended)
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def line(self, row: dict, ended: int) -> str:
+    def line(self, tid: str, row: dict, ended: int) -> str:
         secs = int(time.monotonic() - self.t0)
         clock = f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
         of = f"{ended}/{self.total}" if self.total else str(ended)
@@ -251,15 +254,16 @@ class _Display:
         conf = ", ".join(
             f"{short.get(k, k)}={_fmt(v)}" for k, v in (row.get("params") or {}).items()
         )
-        text = f"[{clock}] {of} ended | trial {row['id']} {row.get('status')}: {conf}"
+        text = f"[{clock}] {of} ended | trial {tid} {row.get('status')}: {conf}"
         text += f", seed {_fmt(row.get('seed'))}"
         m = row.get("metrics") or {}
-        if row.get("status") in ("finished", "stopped") and "val/accuracy" in m:
-            text += f" | step {_fmt(row.get('step'))}, val acc {m['val/accuracy']:.3f}"
-            if "val/probe_accuracy" in m:
-                text += f", probe acc {m['val/probe_accuracy']:.3f}"
-        if row.get("error"):
-            text += f" | {str(row['error']).strip().splitlines()[-1]}"
+        if row.get("status") in ("finished", "stopped") and m.get("val/accuracy") is not None:
+            text += f" | step {_fmt(row.get('step'))}, val acc {_fmt(m['val/accuracy'], '.3f')}"
+            if m.get("val/probe_accuracy") is not None:
+                text += f", probe acc {_fmt(m['val/probe_accuracy'], '.3f')}"
+        last = (str(row.get("error") or "").strip().splitlines() or [""])[-1]
+        if last:
+            text += f" | {last}"
         return text
 
 
@@ -293,8 +297,11 @@ def _print_outcome(state: dict) -> None:
 def _drive(rec, resume: bool) -> None:
     from sweeper import driver
 
-    spec = rec.spec()
-    total = spec.budget.trials * spec.repeats if spec.budget.trials else None
+    try:
+        spec = rec.spec()
+        total = spec.budget.trials * spec.repeats if spec.budget.trials else None
+    except Exception:  # a spec that no longer validates: run_sweep records why it fails
+        total = None
     with _Display(rec.read(), total) as live:
 
         def show(state: dict) -> None:
@@ -393,6 +400,11 @@ def _watch(client, sweep_id: str) -> dict:
                     state["status"] = data["status"]
                     state["best"] = data.get("best")
                 elif kind.startswith("trial_"):
+                    old = state["trials"].get(data["id"]) or {}
+                    if old.get("status") in _Display._ENDED and (
+                        data.get("status") not in _Display._ENDED
+                    ):
+                        continue  # the stream replays past events: keep the newer row
                     state["trials"][data["id"]] = data
                 live.update(state)
     except ServiceError as e:

@@ -161,7 +161,6 @@ def test_a_log_file_gets_the_whole_trial_table_of_a_five_field_sweep():
 
     from sweeper import cli
 
-    assert not cli.console.is_terminal  # pytest captures stdout: as a log file would
     params = {
         "reg_schedule": "cosine_decay",
         "projector": "mlp_residual",
@@ -172,7 +171,7 @@ def test_a_log_file_gets_the_whole_trial_table_of_a_five_field_sweep():
     metrics = {"val/accuracy": 0.81, "val/probe_accuracy": 0.9, "train/loss_lm": 0.1}
     row = {"id": "6dd4a06b", "status": "finished", "params": params, "reg_constant": 4.7351}
     row |= {"token_expansion": 4, "seed": 0, "step": 120, "metrics": metrics}
-    console = Console(width=cli.console.width, record=True)
+    console = Console(width=cli.LOG_WIDTH, record=True)  # what a log file gets
     console.print(cli.trials_table({"trials": {"t1": row}}))
     text = console.export_text()
     assert "…" not in text, text  # nothing cut
@@ -204,7 +203,8 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
         done = row("t1", "finished", step=120, metrics={"val/accuracy": 0.81234})
         done["metrics"]["val/probe_accuracy"] = 0.9
         shown.update(state(**old, t1=done))
-        failed = row("t2", "failed", error="Traceback ...\nRuntimeError: out of memory")
+        oom = "Traceback ...\nRuntimeError: [enforce fail at alloc_cpu.cpp:114] [/x] out of memory"
+        failed = row("t2", "failed", error=oom)
         shown.update(state(**old, t1=done, t2=failed))
     text = out.export_text()
     lines = [ln for ln in text.splitlines() if "| trial " in ln]
@@ -212,8 +212,63 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
     assert "1/3 ended | trial t1 running: projector=qformer, λ=0.1, seed 0" in lines[0]
     assert "2/3 ended | trial t1 finished" in lines[1]
     assert "step 120, val acc 0.812, probe acc 0.900" in lines[1]
-    assert "3/3 ended | trial t2 failed" in lines[2] and lines[2].endswith("out of memory")
+    assert "3/3 ended | trial t2 failed" in lines[2]  # the error as it is, not read as markup
+    assert lines[2].endswith("RuntimeError: [enforce fail at alloc_cpu.cpp:114] [/x] out of memory")
     assert "t0" not in "\n".join(lines)
     # and the whole table once at the end, as the live view leaves it
     table = text[text.index(lines[-1]) + len(lines[-1]) :]
     assert "sweep s1: running (1 failed, 2 finished)" in table and "0.812" in table
+
+
+def test_a_line_for_a_trial_without_figures_or_with_an_empty_error():
+    from sweeper import cli
+
+    shown = cli._Display({"trials": {}})
+    row = {"id": "t1", "status": "finished", "params": {}, "metrics": {"val/accuracy": None}}
+    assert shown.line("t1", row, 1).endswith("trial t1 finished: , seed ")
+    row = {"status": "failed", "error": "  \n ", "metrics": None}
+    assert shown.line("t2", row, 1).endswith("trial t2 failed: , seed ")
+
+
+def test_following_a_remote_sweep_does_not_announce_its_past_again(monkeypatch):
+    """The event stream replays a sweep's history: a trial that has ended is not announced
+    again, and its row is not set back to what an older event said."""
+    from rich.console import Console
+
+    from sweeper import cli
+
+    out = Console(width=300, record=True, force_terminal=False)
+    monkeypatch.setattr(cli, "console", out)
+
+    def trial(tid, status, acc=None):
+        metrics = {} if acc is None else {"val/accuracy": acc}
+        return {
+            "id": tid,
+            "status": status,
+            "params": {"reg_constant": 0.1},
+            "seed": 0,
+            "step": 100,
+            "metrics": metrics,
+        }
+
+    class Client:
+        url = "http://svc"
+
+        def get(self, sweep_id):
+            spec = {"budget": {"trials": 3}, "repeats": 1}
+            return {"id": sweep_id, "status": "running", "spec": spec, "best": None}
+
+        def trials(self, sweep_id):
+            return [trial("a", "finished", 0.8), trial("b", "running")]
+
+        def events(self, sweep_id, after=0):
+            yield "trial_started", trial("a", "running")  # the past, replayed
+            yield "trial_finished", trial("a", "finished", 0.8)
+            yield "trial_started", trial("b", "running")
+            yield "trial_finished", trial("b", "finished", 0.7)  # new
+            yield "sweep", {"status": "succeeded", "best": None}
+
+    state = cli._watch(Client(), "s1")
+    lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
+    assert len(lines) == 1 and "2/3 ended | trial b finished" in lines[0], lines
+    assert state["status"] == "running"  # _watch returns the REST state, read again
