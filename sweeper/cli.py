@@ -236,12 +236,12 @@ class _Display:
             self.live.update(trials_table(state, title=_summary(state)))
             return
         trials = state.get("trials", {})
+        ended = sum(r.get("status") in self._ENDED for r in trials.values())
         for tid, row in trials.items():
             status = row.get("status")
             if self.seen.get(tid) == status:
                 continue
             self.seen[tid] = status
-            ended = sum(r.get("status") in self._ENDED for r in trials.values())
             # markup=False: an error's text ("[enforce fail at ...]") is printed as it is.
             text = self.line(tid, row, ended)
             console.print(text, markup=False, highlight=False, soft_wrap=True)
