@@ -47,7 +47,8 @@ from api.metrics import render_metrics
 from api.paths import path_errors
 from api.settings import Settings
 from sweeper.spec import SweepSpec, spec_errors
-from sweeper.store import FINAL_STATES, STATES, new_id
+from sweeper.states import FINAL_STATES, STATES
+from sweeper.store import new_id
 
 log = logging.getLogger("sweeper.api")
 

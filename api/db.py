@@ -29,6 +29,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from sweeper.states import TRIAL_ENDED
+
 
 class Base(DeclarativeBase):
     pass
@@ -101,7 +103,7 @@ TRIAL_FIELDS = (
     "node",
     "error",
 )
-ENDED_TRIAL = ("finished", "stopped", "failed")
+ENDED_TRIAL = TRIAL_ENDED
 POOL_RECYCLE_S = 1800
 CONNECT_TIMEOUT_S = 10
 

@@ -196,7 +196,7 @@ class Launcher:
             s.execute(
                 update(TrialRow)
                 .where(TrialRow.sweep_id == sw.id, TrialRow.status.in_(("running", "retrying")))
-                .values(status="stopped" if sw.cancel_requested else "paused")
+                .values(status="cancelled" if sw.cancel_requested else "paused")
             )
             fresh = s.get(Sweep, sw.id)
             s.refresh(fresh)

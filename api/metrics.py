@@ -14,9 +14,8 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy import func, select
 
 from api.db import Database, Sweep, TrialRow
-from sweeper.store import STATES
+from sweeper.states import STATES, TRIAL_STATES
 
-TRIAL_STATES = ("running", "finished", "stopped", "failed", "retrying", "paused")
 BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 

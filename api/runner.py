@@ -211,6 +211,7 @@ class Mirror:
                         "running": "trial_started",
                         "finished": "trial_finished",
                         "stopped": "trial_finished",
+                        "cancelled": "trial_finished",
                         "failed": "trial_finished",
                     }.get(row["status"], f"trial_{row['status']}")
                 else:

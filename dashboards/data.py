@@ -40,6 +40,17 @@ class Trial:
     history: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     error: str | None = None
     last_step: int | None = None  # the driver's ``last_step`` tag
+    stopped_by: str | None = None  # a KILLED run's cause: scheduler, time_budget, cancel, ...
+
+    @property
+    def cut_short(self) -> bool:
+        """Ended early by a cancel or an interruption, not by the sweep's plan (ASHA, the
+        time budget): half-trained, so left out of seed means and the best."""
+        return self.status == "KILLED" and self.stopped_by not in (
+            None,  # a run logged before the tag existed
+            "scheduler",
+            "time_budget",
+        )
 
     @property
     def reg_constant(self) -> float:
@@ -180,6 +191,7 @@ def load_sweep(
             metrics={k: v for k, v in r.data.metrics.items() if not math.isnan(v)},
             error=r.data.tags.get("error"),
             last_step=int(r.data.tags["last_step"]) if "last_step" in r.data.tags else None,
+            stopped_by=r.data.tags.get("stopped_by"),
         )
         for r in runs
     ]

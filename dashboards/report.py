@@ -70,7 +70,7 @@ def configurations(data: SweepData, key: str) -> dict[int, list[dict[str, Any]]]
     lam_k: dict[tuple, tuple[float, int]] = {}
     for t in data.trials:
         value = _last(t, key)
-        if t.status == "FAILED" or value is None:
+        if t.status == "FAILED" or t.cut_short or value is None:
             continue
         conf = tuple(sorted((k, str(v)) for k, v in t.searched(data.spec).items()))
         conf = (*conf, ("reg_constant", str(t.reg_constant)), ("k", t.token_expansion))
@@ -157,7 +157,7 @@ def _best_per_k(data: SweepData) -> dict[int, Trial]:
     sign = 1 if data.mode == "max" else -1
     for t in data.trials:
         v = _last(t, data.metric)
-        if v is None or t.status == "FAILED":
+        if v is None or t.status == "FAILED" or t.cut_short:
             continue
         cur = best.get(t.token_expansion)
         if cur is None or sign * v > sign * (_last(cur, data.metric) or -math.inf * sign):
@@ -247,6 +247,8 @@ def study(data: SweepData):
         if not all(_inside(dists[k], v) for k, v in params.items()):
             continue  # a baseline outside the space (λ = 0 beside a log range)
         value = _last(t, data.metric)
+        if t.cut_short:
+            continue  # half-trained by a cancel: not a measurement of its configuration
         if t.status == "FAILED":
             state, value = optuna.trial.TrialState.FAIL, None
         elif value is None:
@@ -308,9 +310,9 @@ def _by_configuration(data: SweepData, keys: list[str]) -> list[dict[str, Any]]:
     groups: dict[tuple, dict[str, Any]] = {}
     for t in data.trials:
         values = [_last(t, k) for k in keys]
-        # A running trial's values are half-trained: only ended trials count (KILLED ones
-        # were stopped early by ASHA or a cancel, as the driver counts them).
-        if t.status in ("FAILED", "RUNNING") or any(v is None for v in values):
+        # A running trial's values are half-trained: only ended trials count, KILLED ones
+        # only if ASHA or the time budget stopped them (not a cancel), as the driver counts.
+        if t.status in ("FAILED", "RUNNING") or t.cut_short or any(v is None for v in values):
             continue
         conf = t.searched(data.spec)
         key = tuple(sorted((k, str(v)) for k, v in conf.items()))
@@ -537,7 +539,10 @@ def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], 
         rows.append(
             [
                 t.trial_id,
-                t.status,
+                # KILLED says by what: scheduler (ASHA), time_budget, cancel, interrupted
+                f"{t.status} ({t.stopped_by})"
+                if t.status == "KILLED" and t.stopped_by
+                else t.status,
                 t.reg_constant,
                 t.token_expansion,
                 *(_typed(t.params.get(k)) for k in extra),
@@ -603,7 +608,7 @@ def _table(head: list[str], rows: list[list], cls: str = "sortable") -> str:
     for row in rows:
         out.append("<tr>")
         for h, v in zip(head, row, strict=True):
-            attr = f' class="{html.escape(str(v))}"' if h == "state" else ""
+            attr = f' class="{html.escape(str(v).split()[0])}"' if h == "state" else ""
             if isinstance(v, float | int) and not isinstance(v, bool):
                 attr += f' data-v="{v}"'
             # Every cell is escaped but the links this module builds itself.

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from sweeper.states import TRIAL_ENDED
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -171,7 +173,13 @@ def trials_table(state: dict, title: str | None = None) -> Table:
     for col in cols:
         left = col in ("trial", "state", *extra)
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
-    colours = {"finished": "green", "failed": "red", "stopped": "yellow", "running": "cyan"}
+    colours = {
+        "finished": "green",
+        "failed": "red",
+        "stopped": "yellow",
+        "cancelled": "magenta",
+        "running": "cyan",
+    }
     for row in rows:
         m, st = row.get("metrics") or {}, row["status"]
         params = row.get("params") or {}
@@ -202,8 +210,6 @@ class _Display:
     show the table only once, at the end, so a line is printed instead whenever a trial
     starts, ends or is retried: elapsed time, trials ended of the total, and the trial's
     configuration and figures."""
-
-    _ENDED = ("finished", "stopped", "failed")
 
     def __init__(self, state: dict, total: int | None = None):
         self.total = total
@@ -236,7 +242,7 @@ class _Display:
             self.live.update(trials_table(state, title=_summary(state)))
             return
         trials = state.get("trials", {})
-        ended = sum(r.get("status") in self._ENDED for r in trials.values())
+        ended = sum(r.get("status") in TRIAL_ENDED for r in trials.values())
         for tid, row in trials.items():
             status = row.get("status")
             if self.seen.get(tid) == status:
@@ -257,7 +263,10 @@ class _Display:
         text = f"[{clock}] {of} ended | trial {tid} {row.get('status')}: {conf}"
         text += f", seed {_fmt(row.get('seed'))}"
         m = row.get("metrics") or {}
-        if row.get("status") in ("finished", "stopped") and m.get("val/accuracy") is not None:
+        if (
+            row.get("status") in ("finished", "stopped", "cancelled")
+            and m.get("val/accuracy") is not None
+        ):
             text += f" | step {_fmt(row.get('step'))}, val acc {_fmt(m['val/accuracy'], '.3f')}"
             if m.get("val/probe_accuracy") is not None:
                 text += f", probe acc {_fmt(m['val/probe_accuracy'], '.3f')}"
@@ -401,9 +410,7 @@ def _watch(client, sweep_id: str) -> dict:
                     state["best"] = data.get("best")
                 elif kind.startswith("trial_"):
                     old = state["trials"].get(data["id"]) or {}
-                    if old.get("status") in _Display._ENDED and (
-                        data.get("status") not in _Display._ENDED
-                    ):
+                    if old.get("status") in TRIAL_ENDED and (data.get("status") not in TRIAL_ENDED):
                         continue  # the stream replays past events: keep the newer row
                     state["trials"][data["id"]] = data
                 live.update(state)

@@ -22,6 +22,7 @@ from ray.tune.stopper import Stopper
 
 from sweeper.search import make_searcher
 from sweeper.spec import SweepSpec, pareto_front
+from sweeper.states import TRIAL_COUNTED, TRIAL_ENDED
 from sweeper.storage import atomic_local_fs
 from sweeper.store import LISTENERS, SweepRecord
 from sweeper.tracking import (
@@ -212,6 +213,26 @@ def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
     return (trial.last_result or {}).get("step") == max_steps
 
 
+def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, budget: bool) -> str:
+    """What ended a trial that ended without error: ``max_steps`` (it ran to the end),
+    ``cancel`` (the sweep's cancel cut it short), ``time_budget`` (the sweep's time ran
+    out, ``budget``) or ``scheduler`` (ASHA stopped it at a rung)."""
+    if ran_to_the_end(spec, trial):
+        return "max_steps"
+    if os.path.exists(cancel_file):
+        return "cancel"
+    return "time_budget" if budget else "scheduler"
+
+
+# the trial table's status for each cause (a cancel's half-trained trials do not count)
+END_STATUS = {
+    "max_steps": "finished",
+    "scheduler": "stopped",
+    "time_budget": "stopped",
+    "cancel": "cancelled",
+}
+
+
 class StateWriter(tune.Callback):
     """Keeps the sweep's trial table in ``state.json`` and tells the listeners."""
 
@@ -282,9 +303,12 @@ class StateWriter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._put(trial, "running", result, force=False)
 
+    def _end_status(self, trial: Trial, budget: bool = False) -> str:
+        cancel = SweepRecord(Path(self.record_path)).cancel_file
+        return END_STATUS[stopped_by(self.spec, trial, cancel, budget)]
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = ran_to_the_end(self.spec, trial)
-        self._put(trial, "finished" if done else "stopped", trial.last_result)
+        self._put(trial, self._end_status(trial), trial.last_result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._put(trial, "retrying")
@@ -298,8 +322,7 @@ class StateWriter(tune.Callback):
         for trial in trials:
             row = rows.get(trial.trial_id, {})
             if trial.status == Trial.TERMINATED and row.get("status") in ("running", None):
-                done = ran_to_the_end(self.spec, trial)
-                self._put(trial, "finished" if done else "stopped", trial.last_result)
+                self._put(trial, self._end_status(trial, budget=True), trial.last_result)
         # A driver killed (SIGKILL) just after starting a trial, before Tune saved its
         # experiment state: restored, Tune knows nothing of that trial and proposes its
         # configuration again as a new one. The old row is "lost", not left unfinished.
@@ -351,13 +374,15 @@ class CancelStopper(Stopper):
 def configurations(spec: SweepSpec, trials: dict[str, dict], metrics: list[str]) -> list[dict]:
     """Finished/stopped trials grouped by configuration, each metric the mean over its seeds.
 
-    A trial counts only if it reported every one of ``metrics`` as a finite number.
+    A trial counts only if it reported every one of ``metrics`` as a finite number, and
+    only if it ended on the sweep's own terms (``TRIAL_COUNTED``): a trial a cancel cut
+    short is half-trained and would drag its configuration's mean down.
     """
     groups: dict[tuple, tuple[dict, list[dict]]] = {}
     for row in trials.values():
         got = row.get("metrics") or {}
         values = [got.get(m) for m in metrics]
-        if row["status"] in ("finished", "stopped") and all(
+        if row["status"] in TRIAL_COUNTED and all(
             v is not None and math.isfinite(v) for v in values
         ):
             key = tuple(sorted((k, str(v)) for k, v in row["params"].items()))
@@ -494,14 +519,14 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
         best = best_configuration(spec, rows)
         parent.log_best(best)
         _publish_report(rec, parent)
-        parent.end("KILLED")
+        parent.end("KILLED", children_stopped_by="cancel")
         for row in rows.values():
             if row["status"] in ("running", "retrying", "paused"):
-                row["status"] = "stopped"
+                row["status"] = "cancelled"
         return rec.update(status="cancelled", trials=rows, best=best, pid=None)
     unfinished = [r for r in rows.values() if r["status"] in ("running", "retrying", "paused")]
     total = (spec.budget.trials or 0) * spec.repeats
-    ended = [r for r in rows.values() if r["status"] in ("finished", "stopped", "failed")]
+    ended = [r for r in rows.values() if r["status"] in TRIAL_ENDED]
     interrupted = bool(unfinished) or (
         len(ended) < total and not spec.budget.time_budget_s and not _searcher_exhausted(spec, rows)
     )

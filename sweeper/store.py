@@ -20,9 +20,6 @@ import yaml
 
 from sweeper.spec import SweepSpec
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
-
 # Called with the whole state after every write (the CLI's live table, the service's
 # database mirror). Module-level: Tune pickles the callbacks that write the state.
 LISTENERS: list[Callable[[dict[str, Any]], None]] = []

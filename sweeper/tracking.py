@@ -574,15 +574,18 @@ class SweepParentRun:
             self._call(self.client.set_tag, self.run_id, "pareto_trial_ids", ids)
             self._call(self.client.log_dict, self.run_id, front, "pareto.json")
 
-    def end(self, status: str) -> None:
-        """End the parent and any child still RUNNING (an interrupted trial) as KILLED."""
+    def end(self, status: str, children_stopped_by: str = "interrupted") -> None:
+        """End the parent and any child still RUNNING as KILLED, tagged ``stopped_by``: an
+        ``interrupted`` trial (resume continues it) or one a ``cancel`` cut short."""
         children = self._call(
             self.client.search_runs,
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'",
         )
         for child in children or []:
-            self._call(self.client.set_terminated, child.info.run_id, status="KILLED")
+            run_id = child.info.run_id
+            self._call(self.client.set_tag, run_id, "stopped_by", children_stopped_by)
+            self._call(self.client.set_terminated, run_id, status="KILLED")
         self._call(self.client.set_terminated, self.run_id, status=status)
 
 
@@ -622,6 +625,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def __init__(self, spec, parent: SweepParentRun, sweep_dir: str):
         self.spec, self.sweep_id = spec, Path(sweep_dir).name
+        self.cancel_file = str(Path(sweep_dir) / "cancel")  # SweepRecord.cancel_file
         self.parent_run_id, self.experiment_id = parent.run_id, parent.experiment_id
         self.tracking_uri = mlflow_uri()
         self.run_ids: dict[str, str] = {}
@@ -650,6 +654,7 @@ class MlflowTrialLogger(tune.Callback):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("cancel_file", "")  # pickled by a version without it
         self.__dict__.update(state)
         self._runtime()
 
@@ -697,6 +702,17 @@ class MlflowTrialLogger(tune.Callback):
         self._writer.put(trial.trial_id, ("end", status))
         self._ended.add(trial.trial_id)
 
+    def _end_early_or_not(self, trial, budget: bool = False) -> None:
+        """Close a trial that ended without error: FINISHED at its max_steps, else KILLED
+        with a ``stopped_by`` tag (scheduler, time_budget or cancel) that says whether its
+        figures count (the report leaves a cancel's half-trained trials out)."""
+        from sweeper.driver import stopped_by
+
+        cause = stopped_by(self.spec, trial, self.cancel_file, budget)
+        if cause != "max_steps" and self._known(trial.trial_id):
+            self._writer.put(trial.trial_id, ("tag", "stopped_by", cause))
+        self._end(trial, "FINISHED" if cause == "max_steps" else "KILLED")
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._open(trial)
 
@@ -723,9 +739,7 @@ class MlflowTrialLogger(tune.Callback):
         self._writer.put(tid, ("metrics", points, self._queued[tid]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeper.driver import ran_to_the_end
-
-        self._end(trial, "FINISHED" if ran_to_the_end(self.spec, trial) else "KILLED")
+        self._end_early_or_not(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         if self._known(trial.trial_id):
@@ -739,12 +753,10 @@ class MlflowTrialLogger(tune.Callback):
     def on_experiment_end(self, trials, **info):
         from ray.tune.experiment import Trial
 
-        from sweeper.driver import ran_to_the_end
-
         # A time budget ends trials without on_trial_complete: close their runs here.
         for trial in trials:
             if trial.status == Trial.TERMINATED and trial.trial_id not in self._ended:
-                self._end(trial, "FINISHED" if ran_to_the_end(self.spec, trial) else "KILLED")
+                self._end_early_or_not(trial, budget=True)
         wait = mlflow_retry_s()
         drained = self._writer.drain(wait)
         self._writer.close()  # its thread ends; writes not done stay queued (and saved)

@@ -113,8 +113,11 @@ def test_cancel_stops_trials_promptly_and_kills_their_runs(service, sqlite_url, 
     assert svc.http.post(f"/sweeps/{sw['id']}/resume").status_code == 409
     runs, parent = _runs(svc, done)
     assert runs and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags.get("stopped_by") for r in runs} == {"cancel"}
     assert parent.info.status == "KILLED"
-    assert {t["status"] for t in svc.trials(sw["id"])} == {"stopped"}
+    # cut short by the cancel: not counted as if ASHA had stopped them
+    assert {t["status"] for t in svc.trials(sw["id"])} == {"cancelled"}
+    assert done["best"] is None
 
 
 def test_the_api_restarts_while_a_sweep_runs(service, db_url, api_spec):

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from dashboards.data import load_sweep
-from dashboards.report import configurations, write_compare, write_report
+from dashboards.report import _trial_rows, configurations, write_compare, write_report
 from sweeper.cli import app
 from sweeper.driver import run_sweep
 from sweeper.spec import SweepSpec
@@ -117,3 +117,49 @@ def test_report_without_the_sweep_is_a_clear_error(sweep_env, tmp_path):
     assert res.exit_code == 1 and "no MLflow parent run for sweep 'nope'" in res.output
     with pytest.raises(Exception, match="no MLflow parent run"):
         write_report("nope", tmp_path / "o", sweep_env)
+
+
+def test_trials_a_cancel_cut_short_are_left_out_of_seed_means():
+    """A cancel's half-trained seed would drag its configuration's mean down (and flip a
+    variant's verdict); ASHA's and the time budget's stops are part of the plan and count."""
+    from dashboards.data import SweepData, Trial
+    from dashboards.report import variant_rows
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "cut",
+            "search": {
+                "space": {
+                    "projector": {"type": "categorical", "choices": ["mlp", "moe"]},
+                    "reg_constant": {"type": "float", "low": 0.01, "high": 1, "log": True},
+                }
+            },
+        }
+    )
+
+    def trial(tid, projector, acc, status="FINISHED", stopped_by=None):
+        params = {"projector": projector, "reg_constant": "0.1", "token_expansion": "1"}
+        metrics = {"val/accuracy": acc}
+        return Trial(tid, tid, status, params, metrics, stopped_by=stopped_by)
+
+    trials = [
+        trial("m1", "mlp", 0.80),
+        trial("m2", "mlp", 0.82),
+        trial("m3", "mlp", 0.40, "KILLED", "cancel"),  # killed at step 40 by a cancel
+        trial("e1", "moe", 0.84),
+        trial("e2", "moe", 0.86),
+        trial("e3", "moe", 0.83, "KILLED", "scheduler"),  # ASHA: counts
+        trial("e4", "moe", 0.10, "KILLED", "interrupted"),  # a killed driver: does not
+    ]
+    data = SweepData("s", "0", "p", "KILLED", "file:///x", spec, trials)
+    assert [t.trial_id for t in trials if t.cut_short] == ["m3", "e4"]
+    rows = {r["value"]: r for r in variant_rows(data)}
+    assert rows["mlp"]["n"] == 2 and rows["mlp"]["mean"] == pytest.approx(0.81)
+    moe = (0.84 + 0.86 + 0.83) / 3
+    assert rows["moe"]["n"] == 3 and rows["moe"]["mean"] == pytest.approx(moe)
+    assert rows["moe"]["diff"] == pytest.approx(moe - 0.81)
+    per_k = configurations(data, "val/accuracy")[1]
+    assert sorted(r["n"] for r in per_k) == [2, 3]
+    head, table = _trial_rows(data, None)
+    states = {r[0]: r[head.index("state")] for r in table}
+    assert states["m3"] == "KILLED (cancel)" and states["m1"] == "FINISHED"

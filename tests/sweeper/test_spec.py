@@ -296,3 +296,39 @@ def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
     assert [c["params"]["reg_constant"] for c in front] == [0.2, 0.1, 0.5, 0.4]
     assert front[1]["values"] == pytest.approx({"val/accuracy": 0.7, "val/loss_reg": 0.4})
     assert front[1]["seeds"] == 2 and front[1]["trial_ids"] == ["a", "b"]
+
+
+def test_a_seed_a_cancel_cut_short_does_not_count_in_best_or_pareto():
+    from sweeper.driver import best_configuration
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "mo",
+            "search": {"space": {"reg_constant": {"type": "float", "low": 0.01, "high": 1}}},
+            "objective": [
+                {"metric": "val/accuracy", "mode": "max"},
+                {"metric": "val/probe_accuracy", "mode": "max"},
+            ],
+        }
+    )
+    table = {  # id: (λ, status, accuracy, probe)
+        "a1": (0.1, "finished", 0.80, 0.90),
+        "a2": (0.1, "finished", 0.82, 0.90),
+        "a3": (0.1, "cancelled", 0.40, 0.60),  # a cancel killed it at step 40
+        "b1": (0.5, "finished", 0.79, 0.85),
+        "b2": (0.5, "stopped", 0.77, 0.85),  # ASHA stopped it: it counts
+    }
+    rows = {
+        tid: {
+            "id": tid,
+            "status": status,
+            "params": {"reg_constant": lam},
+            "metrics": {"val/accuracy": acc, "val/probe_accuracy": probe},
+        }
+        for tid, (lam, status, acc, probe) in table.items()
+    }
+    best = best_configuration(spec, rows)
+    assert best["params"] == {"reg_constant": 0.1} and best["seeds"] == 2
+    assert best["value"] == pytest.approx(0.81) and best["trial_ids"] == ["a1", "a2"]
+    # λ = 0.1 beats λ = 0.5 on both objectives once its cut seed is out
+    assert [c["params"]["reg_constant"] for c in best["pareto"]] == [0.1]

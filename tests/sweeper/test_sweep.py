@@ -12,6 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from dashboards.data import load_sweep
+from dashboards.report import configurations as report_configurations
 from sweeper.cli import app
 from sweeper.driver import run_sweep
 from sweeper.spec import SweepSpec
@@ -88,6 +90,8 @@ def test_asha_stops_weak_trials_and_their_runs_end_killed(sweep_env, tiny_spec):
     _, runs = _children(sweep_env, state)
     status = {r.data.tags["trial_id"]: r.info.status for r in runs}
     assert {status[t["id"]] for t in stopped} == {"KILLED"}
+    cause = {r.data.tags["trial_id"]: r.data.tags.get("stopped_by") for r in runs}
+    assert {cause[t["id"]] for t in stopped} == {"scheduler"}
     assert "RUNNING" not in status.values()
     assert state["status"] == "succeeded"
 
@@ -213,10 +217,13 @@ def test_time_budget_ends_the_sweep_and_closes_every_run(sweep_env, tiny_spec):
     )
     state, _ = _sweep(spec)
     assert state["status"] == "succeeded"
+    # the time budget is part of the plan: its cut trials count (best), as ASHA's do
     assert {t["status"] for t in state["trials"].values()} <= {"stopped", "finished"}
+    assert state["best"] is not None
     _, runs = _children(sweep_env, state)
     assert runs and "RUNNING" not in {r.info.status for r in runs}
-    assert "KILLED" in {r.info.status for r in runs}
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert killed and {r.data.tags.get("stopped_by") for r in killed} == {"time_budget"}
 
 
 def test_cancel_file_stops_the_sweep_and_kills_its_runs(sweep_env, tiny_spec):
@@ -244,9 +251,16 @@ def test_cancel_file_stops_the_sweep_and_kills_its_runs(sweep_env, tiny_spec):
     state = run_sweep(rec)
     assert seen and time.monotonic() - seen[0] < 30
     assert state["status"] == "cancelled"
-    assert {t["status"] for t in state["trials"].values()} == {"stopped"}
+    # Half-trained by the cancel: "cancelled", not "stopped" as ASHA's are, so no seed
+    # mean, best or report figure counts them.
+    assert {t["status"] for t in state["trials"].values()} == {"cancelled"}
+    assert state["best"] is None
     client, runs = _children(sweep_env, state)
     assert runs and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags.get("stopped_by") for r in runs} == {"cancel"}
+    data = load_sweep(rec.id, sweep_env)
+    assert data.trials and all(t.cut_short for t in data.trials)
+    assert report_configurations(data, "val/accuracy") == {}
     assert client.get_run(state["mlflow"]["parent_run_id"]).info.status == "KILLED"
     res = CliRunner().invoke(app, ["cancel", rec.id])
     assert res.exit_code == 1 and "cancelled: nothing to cancel" in res.output
