@@ -101,12 +101,31 @@ class Launcher:
             "SWEEPER_DATABASE_URL": self.db.url,
             "SWEEPER_DRIVER_KIND": "ray-job",
         }
-        job_id = client.submit_job(
-            entrypoint=f"python -m api.runner {sweep_id}",
-            submission_id=f"sweep-{sweep_id}-{int(time.time())}",
-            runtime_env={"env_vars": env},
-        )
+        # The job's id is recorded before the job exists. Recorded after, a database that
+        # dropped in between left a running job the service did not know of: the sweep
+        # looked dead, went "interrupted", and a resume started a second driver on it.
+        # Recorded first, a job that never got submitted answers 404 and the sweep goes
+        # "interrupted" at the next reconcile, with nothing running.
+        job_id = f"sweep-{sweep_id}-{time.time_ns()}"
         self._mark_started(sweep_id, "ray-job", job_id)
+        try:
+            client.submit_job(
+                entrypoint=f"python -m api.runner {sweep_id}",
+                submission_id=job_id,
+                runtime_env={"env_vars": env},
+            )
+        except Exception:
+            # The answer may be lost after the job was created: then it runs, and the
+            # sweep is its. Otherwise the sweep fails with the submit's error.
+            try:
+                exists = _job_status(client, job_id) is not None
+            except Exception:  # the cluster does not answer: the job is taken as not made
+                exists = False
+            if not exists:
+                raise
+            log.warning(
+                "sweep %s: submit of Ray job %s failed, but the job exists", sweep_id, job_id
+            )
         log.info("sweep %s: Ray job %s", sweep_id, job_id)
 
     def _mark_started(self, sweep_id: str, driver: str, ref: str) -> None:
@@ -134,10 +153,11 @@ class Launcher:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         try:
-            status = JobSubmissionClient(self.settings.ray_address).get_job_status(job_id)
+            status = _job_status(JobSubmissionClient(self.settings.ray_address), job_id)
         except Exception as e:  # the cluster is unreachable: don't declare the job dead
             log.warning("Ray job %s: status unknown (%s)", job_id, e)
             return True
+        # None: no such job (its submit never got through)
         return status in (JobStatus.PENDING, JobStatus.RUNNING)
 
     def reconcile(self) -> None:
@@ -204,6 +224,17 @@ class Launcher:
         log.warning("sweep %s: driver gone; now %s", sw.id, status)
 
 
+def _job_status(client, job_id: str):
+    """The Ray job's status, or None when the cluster has no such job (HTTP 404); any other
+    error (the cluster unreachable) is raised."""
+    try:
+        return client.get_job_status(job_id)
+    except RuntimeError as e:  # the job SDK's answer to an error status
+        if "status code 404" in str(e):
+            return None
+        raise
+
+
 def _pid_runs_driver(pid: int, sweep_id: str) -> bool:
     """Is ``pid`` a live (not zombie) ``api.runner`` process for this sweep?"""
     proc = Path(f"/proc/{pid}")
@@ -216,7 +247,8 @@ def _pid_runs_driver(pid: int, sweep_id: str) -> bool:
 
 
 def _close_mlflow_runs(sw: Sweep) -> None:
-    """End the sweep's parent run and any child left RUNNING as KILLED (a dead driver's)."""
+    """End the sweep's parent run and any child left RUNNING as KILLED (a dead driver's),
+    tagged with what stopped it (the report leaves such half-trained trials out)."""
     if not sw.parent_run_id:
         return
     try:
@@ -227,7 +259,9 @@ def _close_mlflow_runs(sw: Sweep) -> None:
             [sw.experiment_id],
             f"tags.mlflow.parentRunId = '{sw.parent_run_id}' and attributes.status = 'RUNNING'",
         )
+        cause = "cancel" if sw.cancel_requested else "interrupted"
         for r in runs:
+            client.set_tag(r.info.run_id, "stopped_by", cause)
             client.set_terminated(r.info.run_id, status="KILLED")
         client.set_terminated(sw.parent_run_id, status="KILLED")
     except Exception as e:

@@ -155,6 +155,9 @@ def test_a_killed_driver_is_interrupted_and_resume_finishes_without_rerunning(
     assert dead["status"] == "interrupted" and "resume" in dead["error"]
     runs, parent = _runs(svc, dead)
     assert "RUNNING" not in {r.info.status for r in runs} and parent.info.status == "KILLED"
+    # the service closed the dead driver's runs, saying why: the report leaves them out
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert all(r.data.tags.get("stopped_by") == "interrupted" for r in killed), killed
 
     r = svc.http.post(f"/sweeps/{sid}/resume")
     assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
