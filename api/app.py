@@ -563,6 +563,15 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
                 )
             )
             if res.rowcount == 1:
+                # No driver will continue its unfinished trials: cut short for good.
+                s.execute(
+                    update(TrialRow)
+                    .where(
+                        TrialRow.sweep_id == sweep_id,
+                        TrialRow.status.in_(("paused", "running", "retrying")),
+                    )
+                    .values(status="cancelled")
+                )
                 sw = s.get(Sweep, sweep_id)
                 s.refresh(sw)
                 db.add_event(s, sweep_id, "sweep", sweep_summary(s, sw))

@@ -503,7 +503,11 @@ def cancel(
         console.print(f"sweep {sweep_id}: cancelling (its driver, pid {state['pid']}, stops it)")
     elif state["status"] in ("queued", "interrupted", "running"):
         rec.request_cancel()
-        rec.update(status="cancelled", pid=None)
+        rows = state.get("trials", {})
+        for row in rows.values():  # no driver will continue them: cut short for good
+            if row.get("status") in ("paused", "running", "retrying"):
+                row["status"] = "cancelled"
+        rec.update(status="cancelled", trials=rows, pid=None)
         console.print(f"sweep {sweep_id}: cancelled")
     else:
         _fail([f"sweep {sweep_id} is {state['status']}: nothing to cancel"])

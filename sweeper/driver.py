@@ -213,23 +213,32 @@ def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
     return (trial.last_result or {}).get("step") == max_steps
 
 
-def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, budget: bool) -> str:
+BUDGET_SPENT = "budget_spent"  # beside the sweep's cancel file once its time budget ran out
+
+
+def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, at_end: bool) -> str:
     """What ended a trial that ended without error: ``max_steps`` (it ran to the end),
-    ``cancel`` (the sweep's cancel cut it short), ``time_budget`` (the sweep's time ran
-    out, ``budget``) or ``scheduler`` (ASHA stopped it at a rung)."""
+    ``cancel`` (the sweep's cancel cut it short), ``scheduler`` (ASHA stopped it at a
+    rung), or, for a trial still running when the experiment ended (``at_end``),
+    ``time_budget`` (the budget ran out) or ``interrupted`` (Ctrl-C, SIGTERM: resume
+    continues it)."""
     if ran_to_the_end(spec, trial):
         return "max_steps"
     if os.path.exists(cancel_file):
         return "cancel"
-    return "time_budget" if budget else "scheduler"
+    if not at_end:
+        return "scheduler"
+    return "time_budget" if Path(cancel_file).with_name(BUDGET_SPENT).exists() else "interrupted"
 
 
-# the trial table's status for each cause (a cancel's half-trained trials do not count)
+# The trial table's status for each cause: a cancel's half-trained trials do not count,
+# and an interrupted one is left "running" for the sweep's end to mark "paused".
 END_STATUS = {
     "max_steps": "finished",
     "scheduler": "stopped",
     "time_budget": "stopped",
     "cancel": "cancelled",
+    "interrupted": "running",
 }
 
 
@@ -303,9 +312,9 @@ class StateWriter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._put(trial, "running", result, force=False)
 
-    def _end_status(self, trial: Trial, budget: bool = False) -> str:
+    def _end_status(self, trial: Trial, at_end: bool = False) -> str:
         cancel = SweepRecord(Path(self.record_path)).cancel_file
-        return END_STATUS[stopped_by(self.spec, trial, cancel, budget)]
+        return END_STATUS[stopped_by(self.spec, trial, cancel, at_end)]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._put(trial, self._end_status(trial), trial.last_result)
@@ -317,12 +326,13 @@ class StateWriter(tune.Callback):
         self._put(trial, "failed", trial.last_result, error=error_text(trial))
 
     def on_experiment_end(self, trials, **info):
-        # A time budget ends trials without on_trial_complete: settle them here.
+        # A time budget, a cancel or an interrupt ends trials without on_trial_complete:
+        # settle them here (an interrupted one stays "running" until the sweep's end).
         rows = self._rows()[1]["trials"]
         for trial in trials:
             row = rows.get(trial.trial_id, {})
             if trial.status == Trial.TERMINATED and row.get("status") in ("running", None):
-                self._put(trial, self._end_status(trial, budget=True), trial.last_result)
+                self._put(trial, self._end_status(trial, at_end=True), trial.last_result)
         # A driver killed (SIGKILL) just after starting a trial, before Tune saved its
         # experiment state: restored, Tune knows nothing of that trial and proposes its
         # configuration again as a new one. The old row is "lost", not left unfinished.
@@ -350,15 +360,28 @@ class StateWriter(tune.Callback):
 
 
 class CancelStopper(Stopper):
-    """Stops every trial once the sweep's ``cancel`` file appears (checked once a second).
+    """Stops every trial once the sweep's ``cancel`` file appears (checked once a second),
+    or once the sweep has run for its ``time_budget_s``.
 
-    It holds only a path, so it pickles with the experiment state as Tune requires.
+    The budget is kept here rather than by Tune's ``time_budget_s`` so that its end leaves
+    a mark (the ``budget_spent`` file): the trials it stops and the ones a Ctrl-C or
+    SIGTERM stops both end without ``on_trial_complete``, and only the mark tells them
+    apart. As with Tune's TimeoutStopper, only time spent running counts: a resumed sweep
+    goes on with what was left. It holds paths and numbers, so it pickles with the
+    experiment state as Tune requires.
     """
 
-    def __init__(self, cancel_file: str):
+    def __init__(self, cancel_file: str, time_budget_s: float | None = None):
         self.cancel_file = cancel_file
+        self.budget_file = str(Path(cancel_file).with_name(BUDGET_SPENT))
+        self.budget_left = time_budget_s
+        self._last = None  # wall time of the last budget check (None: not running yet)
         self._checked = 0.0
         self._cancelled = False
+
+    def __setstate__(self, state):
+        state["_last"] = None  # restored: the time the sweep was stopped does not count
+        self.__dict__.update(state)
 
     def __call__(self, trial_id, result) -> bool:
         return self.stop_all()
@@ -368,7 +391,20 @@ class CancelStopper(Stopper):
         if not self._cancelled and now - self._checked >= 1.0:
             self._checked = now
             self._cancelled = os.path.exists(self.cancel_file)
-        return self._cancelled
+        return self._cancelled or self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        if self.budget_left is None:
+            return False
+        now = time.time()
+        if self._last is not None:
+            self.budget_left -= now - self._last
+        self._last = now
+        if self.budget_left > 0:
+            return False
+        if not os.path.exists(self.budget_file):
+            Path(self.budget_file).touch()
+        return True
 
 
 def configurations(spec: SweepSpec, trials: dict[str, dict], metrics: list[str]) -> list[dict]:
@@ -627,7 +663,6 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
             scheduler=make_scheduler(spec),
             num_samples=(spec.budget.trials or 1) * spec.repeats,
             max_concurrent_trials=spec.budget.max_concurrent,
-            time_budget_s=spec.budget.time_budget_s,
             reuse_actors=True,
         ),
         run_config=RunConfig(
@@ -635,7 +670,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
             storage_path=str(rec.path),
             storage_filesystem=atomic_local_fs(),  # a killed driver leaves no torn file
             callbacks=[logger, StateWriter(str(rec.path), spec, logger)],
-            stop=CancelStopper(str(rec.cancel_file)),
+            stop=CancelStopper(str(rec.cancel_file), spec.budget.time_budget_s),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             verbose=0,

@@ -462,11 +462,14 @@ class RunWriter:
             )
             run_id = found[0].info.run_id if found else None
         if run_id is not None:  # a restored or retried trial keeps its run
-            if self.client.get_run(run_id).info.status == "FINISHED":
+            run = self.client.get_run(run_id)
+            if run.info.status == "FINISHED":
                 # It finished after Tune's last snapshot: the restored Tune only replays
                 # its final evaluation, which is logged already.
                 self.final.add(key)
                 return run_id
+            if "stopped_by" in run.data.tags:  # it runs on: what stopped it is past
+                self.client.delete_tag(run_id, "stopped_by")
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(
@@ -654,7 +657,10 @@ class MlflowTrialLogger(tune.Callback):
         return state
 
     def __setstate__(self, state):
-        state.setdefault("cancel_file", "")  # pickled by a version without it
+        if "cancel_file" not in state:  # pickled by a version without it
+            from sweeper.store import home
+
+            state["cancel_file"] = str(home() / state["sweep_id"] / "cancel")
         self.__dict__.update(state)
         self._runtime()
 
@@ -702,13 +708,13 @@ class MlflowTrialLogger(tune.Callback):
         self._writer.put(trial.trial_id, ("end", status))
         self._ended.add(trial.trial_id)
 
-    def _end_early_or_not(self, trial, budget: bool = False) -> None:
+    def _end_early_or_not(self, trial, at_end: bool = False) -> None:
         """Close a trial that ended without error: FINISHED at its max_steps, else KILLED
-        with a ``stopped_by`` tag (scheduler, time_budget or cancel) that says whether its
-        figures count (the report leaves a cancel's half-trained trials out)."""
+        with a ``stopped_by`` tag (scheduler, time_budget, cancel or interrupted) that says
+        whether its figures count (the report leaves cancelled and interrupted ones out)."""
         from sweeper.driver import stopped_by
 
-        cause = stopped_by(self.spec, trial, self.cancel_file, budget)
+        cause = stopped_by(self.spec, trial, self.cancel_file, at_end)
         if cause != "max_steps" and self._known(trial.trial_id):
             self._writer.put(trial.trial_id, ("tag", "stopped_by", cause))
         self._end(trial, "FINISHED" if cause == "max_steps" else "KILLED")
@@ -753,10 +759,11 @@ class MlflowTrialLogger(tune.Callback):
     def on_experiment_end(self, trials, **info):
         from ray.tune.experiment import Trial
 
-        # A time budget ends trials without on_trial_complete: close their runs here.
+        # A time budget, a cancel or an interrupt ends trials without on_trial_complete:
+        # close their runs here.
         for trial in trials:
             if trial.status == Trial.TERMINATED and trial.trial_id not in self._ended:
-                self._end_early_or_not(trial, budget=True)
+                self._end_early_or_not(trial, at_end=True)
         wait = mlflow_retry_s()
         drained = self._writer.drain(wait)
         self._writer.close()  # its thread ends; writes not done stay queued (and saved)

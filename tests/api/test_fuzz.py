@@ -282,6 +282,23 @@ def test_cancel_queued_then_again(client, tmp_path):
     assert "cancelled" in r.json()["detail"]
 
 
+def test_cancel_of_an_interrupted_sweep_cancels_its_paused_trials(client, tmp_path):
+    """No driver will continue them: they are cut short for good, not left "paused"."""
+    from api.db import Sweep, TrialRow
+
+    sid = submit(client, make_spec(tmp_path))["id"]
+    db = client.app.state.db
+    with db.session() as s:
+        s.get(Sweep, sid).status = "interrupted"
+        for tid, status in (("a", "finished"), ("b", "paused"), ("c", "stopped")):
+            s.add(TrialRow(sweep_id=sid, id=tid, status=status, params={}))
+    r = client.post(f"/sweeps/{sid}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    items = client.get(f"/sweeps/{sid}/trials").json()["items"]
+    got = {t["id"]: t["status"] for t in items}
+    assert got == {"a": "finished", "b": "cancelled", "c": "stopped"}
+
+
 def test_resume_only_interrupted_or_failed(client, tmp_path):
     queued = submit(client, make_spec(tmp_path))["id"]
     cancelled = submit(client, make_spec(tmp_path))["id"]

@@ -168,7 +168,9 @@ def test_a_killed_driver_is_interrupted_and_resume_finishes_without_rerunning(
     # A trial started just before the kill, after Tune's last snapshot, is unknown to the
     # restored Tune: it is marked lost and its configuration runs again as a new trial.
     lost = [t for t in after.values() if t["status"] == "lost"]
-    assert len(finished) == 4 and len(finished) + len(lost) == len(after), after
+    assert len(finished) == 4 and len(finished) + len(lost) == len(after), [
+        (t["status"], t["step"], t["error"]) for t in after.values()
+    ]
     assert all(t["step"] is None or t["step"] < 200 for t in lost)
     for tid, t in before.items():
         if t["status"] == "finished":  # not run again: same end time

@@ -272,3 +272,23 @@ def test_following_a_remote_sweep_does_not_announce_its_past_again(monkeypatch):
     lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
     assert len(lines) == 1 and "2/3 ended | trial b finished" in lines[0], lines
     assert state["status"] == "running"  # _watch returns the REST state, read again
+
+
+def test_cancel_of_an_interrupted_local_sweep_cancels_its_paused_trials(sweep_env, tiny_spec):
+    from typer.testing import CliRunner
+
+    from sweeper.cli import app
+    from sweeper.spec import SweepSpec
+    from sweeper.store import SweepRecord
+
+    rec = SweepRecord.create(SweepSpec.model_validate(tiny_spec()))
+    rows = {t: {"id": t, "status": s} for t, s in (("a", "finished"), ("b", "paused"))}
+    rec.update(status="interrupted", trials=rows, pid=None)
+    res = CliRunner().invoke(app, ["cancel", rec.id])
+    assert res.exit_code == 0 and "cancelled" in res.output, res.output
+    state = rec.read()
+    assert state["status"] == "cancelled"
+    assert {t: r["status"] for t, r in state["trials"].items()} == {
+        "a": "finished",
+        "b": "cancelled",
+    }

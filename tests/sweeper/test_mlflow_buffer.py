@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException, RestException
 
 from sweeper import tracking
 from sweeper.spec import SweepSpec
+from sweeper.store import home
 from sweeper.tracking import MlflowTrialLogger, RunWriter, is_transient
 
 
@@ -117,9 +118,17 @@ class FakeMlflow:
             if match(r)
         ]
 
+    def delete_tag(self, run_id, key):
+        self._enter("delete_tag")
+        del self.runs[run_id]["tags"][key]
+        self._leave()
+
     def get_run(self, run_id):
         self._enter("get_run")
-        return SimpleNamespace(info=SimpleNamespace(status=self.runs[run_id]["status"]))
+        run = self.runs[run_id]
+        return SimpleNamespace(
+            info=SimpleNamespace(status=run["status"]), data=SimpleNamespace(tags=run["tags"])
+        )
 
     def steps(self, run_id: str, key: str) -> list[int]:
         return [s for k, _, _, s in self.runs[run_id]["points"] if k == key]
@@ -190,6 +199,30 @@ def test_a_run_created_while_mlflow_is_down_gets_its_points_later():
     assert w.drain(5)
     assert fake.steps(run_ids["a"], "train/loss_lm") == list(range(1, 11))
     assert fake.runs[run_ids["a"]]["status"] == "FINISHED"
+    w.close()
+
+
+def test_a_reopened_run_loses_what_stopped_it_and_a_finished_one_is_left_alone():
+    """An interrupted trial's run (KILLED, ``stopped_by=interrupted``) that a resume
+    continues is RUNNING again with no stale cause; a FINISHED run is not reopened."""
+    fake = FakeMlflow()
+    run_ids: dict[str, str] = {}
+    w = _writer(fake, run_ids)
+    for t in ("a", "b"):
+        w.put(t, _open(t))
+        w.put(t, _points(1, 10))
+    w.put("a", ("tag", "stopped_by", "interrupted"))
+    w.put("a", ("end", "KILLED"))
+    w.put("b", ("end", "FINISHED"))
+    assert w.drain(5)
+    w.close()
+    w = _writer(fake, run_ids)  # the resumed driver's
+    for t in ("a", "b"):
+        w.put(t, _open(t))
+    assert w.drain(5)
+    a, b = fake.runs[run_ids["a"]], fake.runs[run_ids["b"]]
+    assert a["status"] == "RUNNING" and "stopped_by" not in a["tags"]
+    assert b["status"] == "FINISHED" and b["ends"] == ["FINISHED"]
     w.close()
 
 
@@ -272,6 +305,14 @@ def test_logged_counts_only_written_steps_and_a_restored_driver_writes_the_rest(
     # The driver dies here. Restored from Tune's state, with the trial's checkpoint at 20:
     restored = pickle.loads(pickle.dumps(logger))
     assert restored._writer is not logger._writer and not restored._writer.has("t1")
+    assert restored.cancel_file == logger.cancel_file
+    # pickled by a version before cancel_file: it finds the sweep's cancel file anyway
+    old = logger.__getstate__()
+    del old["cancel_file"]
+    older = MlflowTrialLogger.__new__(MlflowTrialLogger)
+    older.__setstate__(old)
+    assert older.cancel_file == str(home() / "sweep-x" / "cancel")
+    older._writer.close()
     logger._writer.close()
     restored._writer._client_factory = lambda: fake
     restored.set_state(pickle.loads(pickle.dumps(state)))

@@ -332,3 +332,30 @@ def test_a_seed_a_cancel_cut_short_does_not_count_in_best_or_pareto():
     assert best["value"] == pytest.approx(0.81) and best["trial_ids"] == ["a1", "a2"]
     # λ = 0.1 beats λ = 0.5 on both objectives once its cut seed is out
     assert [c["params"]["reg_constant"] for c in best["pareto"]] == [0.1]
+
+
+def test_the_time_budget_counts_running_time_only_and_marks_its_end(tmp_path, monkeypatch):
+    """The sweep's stopper keeps the time budget (not Tune) so that its end leaves a mark:
+    a trial it stops is "time_budget", one a Ctrl-C stops is "interrupted"."""
+    import pickle
+
+    from sweeper import driver
+
+    clock = [1000.0]
+    monkeypatch.setattr(driver.time, "time", lambda: clock[0])
+    stopper = driver.CancelStopper(str(tmp_path / "cancel"), time_budget_s=10)
+    assert not stopper.stop_all()  # the first check starts the clock
+    clock[0] += 6
+    assert not stopper.stop_all()
+    # Pickled with Tune's state at an interrupt; the time it lay stopped does not count.
+    stopper = pickle.loads(pickle.dumps(stopper))
+    clock[0] += 3600
+    assert not stopper.stop_all() and not (tmp_path / "budget_spent").exists()
+    clock[0] += 3
+    assert not stopper.stop_all()
+    clock[0] += 1.5
+    assert stopper.stop_all() and (tmp_path / "budget_spent").exists()
+    # no budget: only the cancel file stops it
+    free = driver.CancelStopper(str(tmp_path / "other" / "cancel"))
+    clock[0] += 1e6
+    assert not free.stop_all()

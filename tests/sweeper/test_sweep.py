@@ -185,6 +185,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ), out
     done_before = {k for k, t in before["trials"].items() if t["status"] == "finished"}
     assert done_before and len(done_before) < 5
+    # Ctrl-C cut the others short: "paused" for resume, not "stopped" as if ASHA had
+    # judged them, so the best counts only finished trials, and their runs say why.
+    assert {t["status"] for t in before["trials"].values()} <= {"finished", "paused"}
+    assert set(before["best"]["trial_ids"]) <= done_before
+    _, runs = _children(sweep_env, before)
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert {r.data.tags.get("stopped_by") for r in killed} <= {"interrupted"}
 
     res = subprocess.run(
         [*cmd, "resume", before["id"]],
@@ -201,6 +208,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     client, runs = _children(sweep_env, after)
     assert len(runs) == 5  # no trial got a second run
     assert {r.info.status for r in runs} == {"FINISHED"}
+    assert not any("stopped_by" in r.data.tags for r in runs)  # resumed runs lost the cause
     for r in runs:
         # every step logged once, also for trials resumed from a checkpoint behind them
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_lm")]
