@@ -256,19 +256,21 @@ def test_multi_objective_searcher_gets_every_metric_and_the_seed_means():
     assert told.values == pytest.approx([0.6, 0.2])  # mean per objective, NaN skipped
 
 
-def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
-    from sweeper.driver import pareto_set
-
-    spec = SweepSpec.model_validate(
+def _lambda_spec(*objectives: tuple[str, str]) -> SweepSpec:
+    """A sweep over λ alone with these (metric, mode) objectives."""
+    return SweepSpec.model_validate(
         {
             "name": "mo",
             "search": {"space": {"reg_constant": {"type": "float", "low": 0.01, "high": 1}}},
-            "objective": [
-                {"metric": "val/accuracy", "mode": "max"},
-                {"metric": "val/loss_reg", "mode": "min"},
-            ],
+            "objective": [{"metric": m, "mode": mode} for m, mode in objectives],
         }
     )
+
+
+def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
+    from sweeper.driver import pareto_set
+
+    spec = _lambda_spec(("val/accuracy", "max"), ("val/loss_reg", "min"))
     table = {  # λ: (accuracy, loss_reg), "a" and "b" are two seeds of λ = 0.1
         "a": (0.1, 0.8, 0.5),
         "b": (0.1, 0.6, 0.3),  # λ = 0.1 means (0.7, 0.4): on the front
@@ -301,16 +303,7 @@ def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
 def test_a_seed_a_cancel_cut_short_does_not_count_in_best_or_pareto():
     from sweeper.driver import best_configuration
 
-    spec = SweepSpec.model_validate(
-        {
-            "name": "mo",
-            "search": {"space": {"reg_constant": {"type": "float", "low": 0.01, "high": 1}}},
-            "objective": [
-                {"metric": "val/accuracy", "mode": "max"},
-                {"metric": "val/probe_accuracy", "mode": "max"},
-            ],
-        }
-    )
+    spec = _lambda_spec(("val/accuracy", "max"), ("val/probe_accuracy", "max"))
     table = {  # id: (λ, status, accuracy, probe)
         "a1": (0.1, "finished", 0.80, 0.90),
         "a2": (0.1, "finished", 0.82, 0.90),
