@@ -435,19 +435,64 @@ def variant_rows(data: SweepData) -> list[dict[str, Any]]:
                 "n": len(c[key]),
             }
             if value != ref:
-                diff = statistics.fmean(c[key]) - statistics.fmean(base)
-                half_d = _welch_half(c[key], base)
-                row |= {"diff": diff, "diff_half": half_d}
-                if half_d is None:
-                    row["verdict"] = "needs 2+ seeds (that differ) on both sides"
-                elif sign * diff > half_d:  # the interval of the difference excludes 0
-                    row["verdict"] = "better"
-                elif sign * diff < -half_d:
-                    row["verdict"] = "worse"
-                else:
-                    row["verdict"] = "no clear difference"
+                row |= _versus(c[key], base, sign)
             rows.append(row)
     return rows
+
+
+def _versus(values: list[float], base: list[float], sign: int) -> dict[str, Any]:
+    """The difference of the means, Welch's 95% half-width, and what they say."""
+    diff = statistics.fmean(values) - statistics.fmean(base)
+    half_d = _welch_half(values, base)
+    if half_d is None:
+        verdict = "needs 2+ seeds (that differ) on both sides"
+    elif sign * diff > half_d:  # the interval of the difference excludes 0
+        verdict = "better"
+    elif sign * diff < -half_d:
+        verdict = "worse"
+    else:
+        verdict = "no clear difference"
+    return {"diff": diff, "diff_half": half_d, "verdict": verdict}
+
+
+def matched_rows(data: SweepData) -> list[dict[str, Any]]:
+    """Each variant configuration whose twin, the same configuration with the field at its
+    default, also ran: the two compared at the same other settings (a one-factor-at-a-time
+    design, e.g. ``examples/open-questions-matched.yaml``), which the best-vs-best view
+    cannot do when the best configurations differ in other fields too."""
+    key = data.metric
+    sign = 1 if data.mode == "max" else -1
+    confs = _by_configuration(data, [key])
+    by_params = {tuple(sorted((k, str(v)) for k, v in c["params"].items())): c for c in confs}
+    rows = []
+    for field, ref in _variant_fields(data).items():
+        for c in confs:
+            value = c["params"].get(field)
+            if value == ref:
+                continue
+            twin = by_params.get(
+                tuple(sorted((k, str(ref if k == field else v)) for k, v in c["params"].items()))
+            )
+            if twin is None:
+                continue
+            mean, half = _interval(c[key])
+            ref_mean, ref_half = _interval(twin[key])
+            rows.append(
+                {
+                    "field": field,
+                    "value": value,
+                    "reference": ref,
+                    "config": _conf_label({k: v for k, v in c["params"].items() if k != field}),
+                    "mean": mean,
+                    "half": half,
+                    "n": len(c[key]),
+                    "ref_mean": ref_mean,
+                    "ref_half": ref_half,
+                    "ref_n": len(twin[key]),
+                    **_versus(c[key], twin[key], sign),
+                }
+            )
+    return sorted(rows, key=lambda r: (r["field"], str(r["value"]), r["config"]))
 
 
 def _welch_half(a: list[float], b: list[float]) -> float | None:
@@ -702,6 +747,31 @@ def _answer_tables(data: SweepData) -> list[str]:
             "default's best; the difference with Welch's 95% interval. Picking the best of "
             "several configurations favours values that had more of them.</p>"
             + _table(["field", "value", "at", data.metric, "seeds", "vs default", "verdict"], rows)
+        )
+    matched = matched_rows(data) if _variant_fields(data) else []
+    if matched:
+        rows = [
+            [
+                r["field"],
+                f"{r['value']} vs {r['reference']}",
+                r["config"],
+                f"{r['mean']:.4f} ± {r['half']:.4f} ({r['n']})",
+                f"{r['ref_mean']:.4f} ± {r['ref_half']:.4f} ({r['ref_n']})",
+                f"{r['diff']:+.4f}"
+                + ("" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"),
+                r["verdict"],
+            ]
+            for r in matched
+        ]
+        out.append(
+            "<h2>Matched: each variant against the default at the same other settings</h2>"
+            "<p>Every configuration whose twin (the same settings, the field at its default) "
+            "also ran; seed means ± 95% (seeds), the difference with Welch's 95% interval. "
+            "Unlike the best-vs-best table, nothing else differs between the two.</p>"
+            + _table(
+                ["field", "variant", "at", "variant mean", "default mean", "difference", "verdict"],
+                rows,
+            )
         )
     return out
 

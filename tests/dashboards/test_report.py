@@ -163,3 +163,55 @@ def test_trials_a_cancel_cut_short_are_left_out_of_seed_means():
     head, table = _trial_rows(data, None)
     states = {r[0]: r[head.index("state")] for r in table}
     assert states["m3"] == "KILLED (cancel)" and states["m1"] == "FINISHED"
+
+
+def test_matched_rows_compare_each_variant_with_its_twin_at_the_default():
+    """A one-factor-at-a-time design: each variant against the same settings with the
+    field at its default, which the best-vs-best view cannot promise."""
+    from dashboards.data import SweepData, Trial
+    from dashboards.report import _answer_tables, matched_rows
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "ofat",
+            "search": {
+                "space": {
+                    "projector": {"type": "categorical", "choices": ["mlp", "moe", "qformer"]},
+                    "reg_schedule": {"type": "categorical", "choices": ["constant", "warmup"]},
+                    "reg_constant": {"type": "float", "low": 0.01, "high": 10, "log": True},
+                }
+            },
+        }
+    )
+    runs = [  # (projector, schedule, λ, accuracy)
+        ("mlp", "constant", "0.1", 0.80),
+        ("mlp", "constant", "0.1", 0.82),
+        ("moe", "constant", "0.1", 0.87),
+        ("moe", "constant", "0.1", 0.89),
+        ("mlp", "warmup", "0.1", 0.70),
+        ("mlp", "warmup", "0.1", 0.72),
+        ("qformer", "warmup", "1.0", 0.99),  # no twin ran (mlp, warmup, λ = 1): not matched
+        ("mlp", "constant", "1.0", 0.95),  # the best mlp, but not moe's twin
+        ("mlp", "constant", "1.0", 0.97),
+    ]
+    trials = [
+        Trial(
+            f"t{i}",
+            f"t{i}",
+            "FINISHED",
+            {"projector": p, "reg_schedule": s, "reg_constant": lam, "token_expansion": "1"},
+            {"val/accuracy": acc},
+        )
+        for i, (p, s, lam, acc) in enumerate(runs)
+    ]
+    data = SweepData("s", "0", "p", "FINISHED", "file:///x", spec, trials)
+    rows = matched_rows(data)
+    got = {(r["field"], r["value"]): r for r in rows}
+    assert set(got) == {("projector", "moe"), ("reg_schedule", "warmup")}
+    moe = got[("projector", "moe")]
+    assert moe["ref_mean"] == pytest.approx(0.81) and moe["diff"] == pytest.approx(0.07)
+    assert moe["verdict"] == "better" and moe["config"] == "reg_schedule=constant, λ=0.1"
+    assert got[("reg_schedule", "warmup")]["verdict"] == "worse"
+    html_out = "".join(_answer_tables(data))
+    assert "Matched: each variant against the default" in html_out
+    assert "moe vs mlp" in html_out
