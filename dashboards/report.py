@@ -384,17 +384,16 @@ def fig_pareto(data: SweepData):
 # The default of each trainer field a sweep may search as a variant: the reference the
 # variants are compared with.
 def _variant_fields(data: SweepData) -> dict[str, Any]:
-    from trainer.config import TrainerConfig
-
     if data.spec is None:
         return {}
+    base = data.spec.base_config()  # parsed: weight_decay 0 is 0.0, as MLflow holds it
     out = {}
     for name, p in data.spec.search.space.items():
         if name in _LAM_K or not hasattr(p, "choices"):
             continue
-        ref = data.spec.trainer.get(name, TrainerConfig.model_fields[name].default)
+        ref = getattr(base, name)
         if ref in p.choices and len(p.choices) > 1:
-            out[name] = ref
+            out[name] = _typed(str(ref))  # as a trial's param reads back (None: "None")
     return out
 
 

@@ -380,18 +380,30 @@ class CancelStopper(Stopper):
         self._cancelled = False
 
     def __setstate__(self, state):
+        # Pickled by a version that left the budget to Tune: no budget of its own.
+        state.setdefault("budget_left", None)
+        state.setdefault("budget_file", str(Path(state["cancel_file"]).with_name(BUDGET_SPENT)))
         state["_last"] = None  # restored: the time the sweep was stopped does not count
+        state["_checked"] = 0.0  # a monotonic clock from another boot or machine
         self.__dict__.update(state)
+        if self.budget_left is None or self.budget_left > 0:
+            # Written after Tune's last save, by a driver that died then: not spent yet.
+            Path(self.budget_file).unlink(missing_ok=True)
 
     def __call__(self, trial_id, result) -> bool:
-        return self.stop_all()
+        # Only the cancel stops a trial on its result; the budget ends the experiment
+        # (stop_all), as Tune's own TimeoutStopper does, so its trials are "time_budget".
+        return self._cancel_requested()
 
-    def stop_all(self) -> bool:
+    def _cancel_requested(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._checked >= 1.0:
             self._checked = now
             self._cancelled = os.path.exists(self.cancel_file)
-        return self._cancelled or self._budget_spent()
+        return self._cancelled
+
+    def stop_all(self) -> bool:
+        return self._cancel_requested() or self._budget_spent()
 
     def _budget_spent(self) -> bool:
         if self.budget_left is None:
@@ -564,7 +576,9 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
     total = (spec.budget.trials or 0) * spec.repeats
     ended = [r for r in rows.values() if r["status"] in TRIAL_ENDED]
     interrupted = bool(unfinished) or (
-        len(ended) < total and not spec.budget.time_budget_s and not _searcher_exhausted(spec, rows)
+        len(ended) < total
+        and not (rec.path / BUDGET_SPENT).exists()
+        and not _searcher_exhausted(spec, rows)
     )
     best = best_configuration(spec, rows)
     if interrupted:

@@ -215,3 +215,21 @@ def test_matched_rows_compare_each_variant_with_its_twin_at_the_default():
     html_out = "".join(_answer_tables(data))
     assert "Matched: each variant against the default" in html_out
     assert "moe vs mlp" in html_out
+
+    # A field whose default is None reads back from MLflow as "None": the default itself
+    # is no variant of its own, and 256 is matched against it.
+    spec = SweepSpec.model_validate(
+        {
+            "name": "hidden",
+            "search": {
+                "space": {"projector_hidden": {"type": "categorical", "choices": [None, 256]}}
+            },
+        }
+    )
+    trials = [
+        Trial(f"h{i}", f"h{i}", "FINISHED", {"projector_hidden": h}, {"val/accuracy": a})
+        for i, (h, a) in enumerate([("None", 0.8), ("None", 0.82), ("256", 0.7), ("256", 0.71)])
+    ]
+    data = SweepData("s", "0", "p", "FINISHED", "file:///x", spec, trials)
+    (row,) = matched_rows(data)
+    assert row["value"] == 256 and row["ref_n"] == 2 and row["verdict"] == "worse"

@@ -348,6 +348,23 @@ def test_the_time_budget_counts_running_time_only_and_marks_its_end(tmp_path, mo
     assert not stopper.stop_all()
     clock[0] += 1.5
     assert stopper.stop_all() and (tmp_path / "budget_spent").exists()
+    # A trial's result is not stopped by the budget (the experiment's end settles it as
+    # "time_budget"); only a cancel stops it there.
+    assert not stopper("t1", {})
+    (tmp_path / "cancel").touch()
+    assert driver.CancelStopper(str(tmp_path / "cancel"))("t1", {})
+    (tmp_path / "cancel").unlink()
+    # A driver that died after marking the budget, before Tune saved it: restored with
+    # budget left, the mark is gone.
+    saved = pickle.dumps(driver.CancelStopper(str(tmp_path / "cancel"), time_budget_s=10))
+    pickle.loads(saved)
+    assert not (tmp_path / "budget_spent").exists()
+    # A stopper pickled by a version without a budget of its own restores and runs.
+    old = driver.CancelStopper.__new__(driver.CancelStopper)
+    old.__dict__.update(cancel_file=str(tmp_path / "cancel"), _checked=5e9, _cancelled=False)
+    restored = pickle.loads(pickle.dumps(old))
+    (tmp_path / "cancel").touch()
+    assert restored.stop_all()  # the old monotonic reading does not hide the cancel
     # no budget: only the cancel file stops it
     free = driver.CancelStopper(str(tmp_path / "other" / "cancel"))
     clock[0] += 1e6
