@@ -423,20 +423,26 @@ def variant_rows(data: SweepData) -> list[dict[str, Any]]:
             continue
         base = best[ref][key]
         for value, c in best.items():
-            mean, half = _interval(c[key])
-            row = {
-                "field": field,
-                "value": value,
-                "reference": ref,
-                "config": _conf_label({k: v for k, v in c["params"].items() if k != field}),
-                "mean": mean,
-                "half": half,
-                "n": len(c[key]),
-            }
+            row = _variant_row(field, value, ref, c, key)
             if value != ref:
                 row |= _versus(c[key], base, sign)
             rows.append(row)
     return rows
+
+
+def _variant_row(field: str, value: Any, ref: Any, conf: dict, key: str) -> dict[str, Any]:
+    """One configuration of a variant: its other settings and its seed mean ± 95%."""
+    mean, half = _interval(conf[key])
+    others = {k: v for k, v in conf["params"].items() if k != field}
+    return {
+        "field": field,
+        "value": value,
+        "reference": ref,
+        "config": _conf_label(others),
+        "mean": mean,
+        "half": half,
+        "n": len(conf[key]),
+    }
 
 
 def _versus(values: list[float], base: list[float], sign: int) -> dict[str, Any]:
@@ -474,17 +480,10 @@ def matched_rows(data: SweepData) -> list[dict[str, Any]]:
             )
             if twin is None:
                 continue
-            mean, half = _interval(c[key])
             ref_mean, ref_half = _interval(twin[key])
             rows.append(
-                {
-                    "field": field,
-                    "value": value,
-                    "reference": ref,
-                    "config": _conf_label({k: v for k, v in c["params"].items() if k != field}),
-                    "mean": mean,
-                    "half": half,
-                    "n": len(c[key]),
+                _variant_row(field, value, ref, c, key)
+                | {
                     "ref_mean": ref_mean,
                     "ref_half": ref_half,
                     "ref_n": len(twin[key]),
