@@ -47,7 +47,7 @@ from api.metrics import render_metrics
 from api.paths import path_errors
 from api.settings import Settings
 from sweeper.spec import SweepSpec, spec_errors
-from sweeper.states import FINAL_STATES, STATES
+from sweeper.states import FINAL_STATES, STATES, TRIAL_UNFINISHED
 from sweeper.store import new_id
 
 log = logging.getLogger("sweeper.api")
@@ -568,7 +568,7 @@ def create_app(settings: Settings | None = None, start_scheduler: bool = True) -
                     update(TrialRow)
                     .where(
                         TrialRow.sweep_id == sweep_id,
-                        TrialRow.status.in_(("paused", "running", "retrying")),
+                        TrialRow.status.in_(TRIAL_UNFINISHED),
                     )
                     .values(status="cancelled")
                 )

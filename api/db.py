@@ -29,8 +29,6 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sweeper.states import TRIAL_ENDED
-
 
 class Base(DeclarativeBase):
     pass
@@ -103,7 +101,6 @@ TRIAL_FIELDS = (
     "node",
     "error",
 )
-ENDED_TRIAL = TRIAL_ENDED
 POOL_RECYCLE_S = 1800
 CONNECT_TIMEOUT_S = 10
 

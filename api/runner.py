@@ -22,7 +22,6 @@ from typing import Any
 from sqlalchemy import select
 
 from api.db import (
-    ENDED_TRIAL,
     TRIAL_FIELDS,
     Database,
     Sweep,
@@ -33,6 +32,7 @@ from api.db import (
     trial_dict,
 )
 from api.settings import Settings
+from sweeper.states import TRIAL_ENDED
 
 
 def _finite(value: Any) -> Any:
@@ -91,7 +91,7 @@ class Mirror:
         with self._cv:
             for tid, row in (state.get("trials") or {}).items():
                 seen = self._times.setdefault(tid, [now, None])
-                seen[1] = (seen[1] or now) if row.get("status") in ENDED_TRIAL else None
+                seen[1] = (seen[1] or now) if row.get("status") in TRIAL_ENDED else None
             if self._pending is not None:
                 self._superseded += 1
             self._pending = state
@@ -197,11 +197,11 @@ class Mirror:
                 prev_status = t.status
                 for k, v in values.items():
                     setattr(t, k, v)
-                if row["status"] in ENDED_TRIAL:
+                if row["status"] in TRIAL_ENDED:
                     t.ended = t.ended or ended_seen or now
                 else:
                     t.ended = None
-                if prev_status is None and row["status"] in ENDED_TRIAL:
+                if prev_status is None and row["status"] in TRIAL_ENDED:
                     # Started and ended while the database was away: its start is logged
                     # too, so a client sees every trial start before it ends.
                     started = trial_dict(t) | {"status": "running", "ended": None}

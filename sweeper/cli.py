@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sweeper.states import TRIAL_ENDED
+from sweeper.states import TRIAL_ENDED, TRIAL_UNFINISHED
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -505,7 +505,7 @@ def cancel(
         rec.request_cancel()
         rows = state.get("trials", {})
         for row in rows.values():  # no driver will continue them: cut short for good
-            if row.get("status") in ("paused", "running", "retrying"):
+            if row.get("status") in TRIAL_UNFINISHED:
                 row["status"] = "cancelled"
         rec.update(status="cancelled", trials=rows, pid=None)
         console.print(f"sweep {sweep_id}: cancelled")

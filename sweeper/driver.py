@@ -22,7 +22,7 @@ from ray.tune.stopper import Stopper
 
 from sweeper.search import make_searcher
 from sweeper.spec import SweepSpec, pareto_front
-from sweeper.states import TRIAL_COUNTED, TRIAL_ENDED
+from sweeper.states import TRIAL_COUNTED, TRIAL_ENDED, TRIAL_UNFINISHED
 from sweeper.storage import atomic_local_fs
 from sweeper.store import LISTENERS, SweepRecord
 from sweeper.tracking import (
@@ -213,7 +213,9 @@ def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
     return (trial.last_result or {}).get("step") == max_steps
 
 
-BUDGET_SPENT = "budget_spent"  # beside the sweep's cancel file once its time budget ran out
+def budget_file(cancel_file: str | os.PathLike) -> Path:
+    """The mark the sweep's stopper leaves beside its cancel file once the time budget ran out."""
+    return Path(cancel_file).with_name("budget_spent")
 
 
 def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, at_end: bool) -> str:
@@ -228,7 +230,7 @@ def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, at
         return "cancel"
     if not at_end:
         return "scheduler"
-    return "time_budget" if Path(cancel_file).with_name(BUDGET_SPENT).exists() else "interrupted"
+    return "time_budget" if budget_file(cancel_file).exists() else "interrupted"
 
 
 # The trial table's status for each cause: a cancel's half-trained trials do not count,
@@ -341,7 +343,7 @@ class StateWriter(tune.Callback):
         lost = [
             tid
             for tid, row in state["trials"].items()
-            if tid not in known and row["status"] in ("running", "retrying", "paused")
+            if tid not in known and row["status"] in TRIAL_UNFINISHED
         ]
         if lost:
             for tid in lost:
@@ -373,7 +375,7 @@ class CancelStopper(Stopper):
 
     def __init__(self, cancel_file: str, time_budget_s: float | None = None):
         self.cancel_file = cancel_file
-        self.budget_file = str(Path(cancel_file).with_name(BUDGET_SPENT))
+        self.budget_file = str(budget_file(cancel_file))
         self.budget_left = time_budget_s
         self._last = None  # wall time of the last budget check (None: not running yet)
         self._checked = 0.0
@@ -382,7 +384,7 @@ class CancelStopper(Stopper):
     def __setstate__(self, state):
         # Pickled by a version that left the budget to Tune: no budget of its own.
         state.setdefault("budget_left", None)
-        state.setdefault("budget_file", str(Path(state["cancel_file"]).with_name(BUDGET_SPENT)))
+        state.setdefault("budget_file", str(budget_file(state["cancel_file"])))
         state["_last"] = None  # restored: the time the sweep was stopped does not count
         state["_checked"] = 0.0  # a monotonic clock from another boot or machine
         self.__dict__.update(state)
@@ -569,15 +571,15 @@ def _finish(spec: SweepSpec, rec: SweepRecord, parent: SweepParentRun) -> dict[s
         _publish_report(rec, parent)
         parent.end("KILLED", children_stopped_by="cancel")
         for row in rows.values():
-            if row["status"] in ("running", "retrying", "paused"):
+            if row["status"] in TRIAL_UNFINISHED:
                 row["status"] = "cancelled"
         return rec.update(status="cancelled", trials=rows, best=best, pid=None)
-    unfinished = [r for r in rows.values() if r["status"] in ("running", "retrying", "paused")]
+    unfinished = [r for r in rows.values() if r["status"] in TRIAL_UNFINISHED]
     total = (spec.budget.trials or 0) * spec.repeats
     ended = [r for r in rows.values() if r["status"] in TRIAL_ENDED]
     interrupted = bool(unfinished) or (
         len(ended) < total
-        and not (rec.path / BUDGET_SPENT).exists()
+        and not budget_file(rec.cancel_file).exists()
         and not _searcher_exhausted(spec, rows)
     )
     best = best_configuration(spec, rows)

@@ -11,4 +11,5 @@ TRIAL_STATES = (
     "running", "finished", "stopped", "cancelled", "failed", "retrying", "paused", "lost"
 )  # fmt: skip
 TRIAL_ENDED = ("finished", "stopped", "cancelled", "failed")
+TRIAL_UNFINISHED = ("running", "retrying", "paused")  # a driver may still continue them
 TRIAL_COUNTED = ("finished", "stopped")  # ended trials whose figures count

@@ -628,7 +628,9 @@ class MlflowTrialLogger(tune.Callback):
 
     def __init__(self, spec, parent: SweepParentRun, sweep_dir: str):
         self.spec, self.sweep_id = spec, Path(sweep_dir).name
-        self.cancel_file = str(Path(sweep_dir) / "cancel")  # SweepRecord.cancel_file
+        from sweeper.store import SweepRecord
+
+        self.cancel_file = str(SweepRecord(Path(sweep_dir)).cancel_file)
         self.parent_run_id, self.experiment_id = parent.run_id, parent.experiment_id
         self.tracking_uri = mlflow_uri()
         self.run_ids: dict[str, str] = {}
@@ -658,9 +660,9 @@ class MlflowTrialLogger(tune.Callback):
 
     def __setstate__(self, state):
         if "cancel_file" not in state:  # pickled by a version without it
-            from sweeper.store import home
+            from sweeper.store import SweepRecord, home
 
-            state["cancel_file"] = str(home() / state["sweep_id"] / "cancel")
+            state["cancel_file"] = str(SweepRecord(home() / state["sweep_id"]).cancel_file)
         self.__dict__.update(state)
         self._runtime()
 
