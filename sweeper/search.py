@@ -9,24 +9,32 @@ import optuna
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeper.spec import CategoricalParam, SweepSpec
+from sweeper.spec import SweepSpec
+
+
+def startup_trials(dimensions: int, trials: int | None) -> int:
+    """Random trials before a model-based sampler starts modelling: Ax's rule (twice the
+    searched dimensions, at most a fifth of the budget, at least 5) in place of Optuna's
+    fixed 10, which spends 10 of a 16-trial sweep on random search."""
+    n = 2 * dimensions
+    if trials is not None:
+        n = min(n, trials // 5)
+    return max(n, 5)
+
+
+def sampler_defaults(spec: SweepSpec) -> dict[str, Any]:
+    """The sampler arguments sweeper picks from the spec; ``search.sampler_options``
+    overrides them. (Optuna 5's TPE is already multivariate with a constant liar.)"""
+    s = spec.search
+    defaults: dict[str, Any] = {}
+    if s.sampler in ("tpe", "gp"):
+        defaults["n_startup_trials"] = startup_trials(len(s.space), spec.budget.trials)
+    return defaults
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler the spec names, seeded by ``search.seed``."""
-    s = spec.search
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed)
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "grid":
-        grid = {k: p.choices for k, p in s.space.items() if isinstance(p, CategoricalParam)}
-        return optuna.samplers.GridSampler(grid, seed=s.seed)
-    if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed)
-    if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed)
-    return optuna.samplers.QMCSampler(seed=s.seed)
+    return spec.search.build_sampler(sampler_defaults(spec))
 
 
 def make_searcher(spec: SweepSpec) -> Searcher:

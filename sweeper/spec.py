@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import optuna
 import optuna.distributions as od
+import optuna.samplers as osamplers
 import yaml
 from pydantic import (
     BaseModel,
@@ -16,10 +21,12 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.errors import PydanticSchemaGenerationError
 
 from trainer.config import TrainerConfig
 
@@ -76,6 +83,48 @@ class CategoricalParam(BaseModel):
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
+SAMPLERS: dict[str, type[osamplers.BaseSampler]] = {
+    "tpe": osamplers.TPESampler,
+    "random": osamplers.RandomSampler,
+    "grid": osamplers.GridSampler,
+    "cmaes": osamplers.CmaEsSampler,
+    "gp": osamplers.GPSampler,
+    "qmc": osamplers.QMCSampler,
+}
+# Arguments the spec itself sets: the seed from search.seed, the grid from search.space.
+_SET_BY_SPEC = {"seed": "search.seed", "search_space": "search.space"}
+
+
+def _sampler_option(cls: type, name: str, value: Any) -> Any:
+    """``value`` checked against the type of ``cls``'s keyword ``name`` (and coerced as
+    pydantic does); ValueError naming what is wrong."""
+    params = inspect.signature(cls.__init__).parameters
+    if name in _SET_BY_SPEC:
+        raise ValueError(f"set by {_SET_BY_SPEC[name]}, not here")
+    p = params.get(name)
+    if name == "self" or p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        known = sorted(n for n in params if n != "self" and n not in _SET_BY_SPEC)
+        raise ValueError(
+            f"not an option of Optuna's {cls.__name__}"
+            + (f"; its options: {', '.join(known)}" if known else "; it takes none")
+        )
+    hint: Any = p.annotation
+    if isinstance(hint, str):  # Optuna postpones its annotations: resolve in its module
+        try:
+            hint = eval(hint, dict(vars(sys.modules[cls.__module__])))
+        except Exception:  # a name imported for type checking only: a Python object
+            hint = None
+    try:
+        adapter = TypeAdapter(Any if hint is inspect.Parameter.empty else hint)
+    except PydanticSchemaGenerationError:
+        adapter = None
+    if hint is None or adapter is None or "Callable" in str(hint):
+        raise ValueError(f"takes a Python object ({p.annotation}); a spec cannot give one")
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        raise ValueError(e.errors()[0]["msg"]) from None
+
 
 class Search(BaseModel):
     model_config = _STRICT
@@ -87,6 +136,12 @@ class Search(BaseModel):
         description="Configurations tried first. Inside the space they warm-start the "
         "sampler; outside it (say λ = 0 beside a log range) they run as baselines that the "
         "sampler never sees.",
+    )
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the Optuna sampler (e.g. n_startup_trials, "
+        "multivariate, constant_liar for tpe); they override the defaults sweeper.search "
+        "picks from the budget.",
     )
 
     def in_space(self, point: dict[str, Any]) -> bool:
@@ -114,6 +169,12 @@ class Search(BaseModel):
                     f"space.{name}: Optuna cannot divide the range {p.low}..{p.high} into "
                     f"steps of {p.step}"
                 ) from None
+        cls = SAMPLERS[self.sampler]
+        for name, value in self.sampler_options.items():
+            try:
+                self.sampler_options[name] = _sampler_option(cls, name, value)
+            except ValueError as e:
+                raise ValueError(f"sampler_options.{name}: {e}") from None
         if self.sampler == "grid":
             bad = [n for n, p in self.space.items() if not isinstance(p, CategoricalParam)]
             if bad:
@@ -121,6 +182,11 @@ class Search(BaseModel):
                     f"space.{bad[0]}: the grid sampler needs categorical choices, not a range: "
                     "give it `type: categorical` and the values to try"
                 )
+        if self.sampler_options:
+            try:  # the sampler's own checks of its arguments, in Optuna's words
+                self.build_sampler()
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"sampler_options: {e}") from None
         for i, point in enumerate(self.points):
             for name in point:
                 if name not in self.space:
@@ -131,6 +197,20 @@ class Search(BaseModel):
                     f"points.{i}.{missing[0]}: missing (a point gives every key of search.space)"
                 )
         return self
+
+    def build_sampler(self, defaults: dict[str, Any] | None = None) -> osamplers.BaseSampler:
+        """The Optuna sampler: ``defaults`` overridden by ``sampler_options``, seeded by
+        ``seed``; the grid sampler walks the categorical choices of ``space``."""
+        cls = SAMPLERS[self.sampler]
+        kwargs = {**(defaults or {}), **self.sampler_options}
+        with (
+            warnings.catch_warnings()
+        ):  # Optuna marks multivariate, constant_liar, gp... experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if self.sampler == "grid":
+                grid = {k: p.choices for k, p in self.space.items()}  # type: ignore[union-attr]
+                return cls(grid, seed=self.seed, **kwargs)
+            return cls(seed=self.seed, **kwargs)
 
     def grid_size(self) -> int:
         return math.prod(len(p.choices) for p in self.space.values())  # type: ignore[union-attr]

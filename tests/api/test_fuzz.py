@@ -248,6 +248,16 @@ def test_unknown_key_is_422_with_its_path(client, tmp_path, sections, path):
     assert r.json()["detail"][0] == error
 
 
+def test_bad_sampler_option_is_422_with_its_path(client, tmp_path):
+    search = make_spec(tmp_path)["search"] | {"sampler_options": {"n_startup_trials": "x"}}
+    r = client.post("/sweeps", json=make_spec(tmp_path, search=search))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert detail[0]["path"] == "search.sampler_options.n_startup_trials", detail
+    assert "valid integer" in detail[0]["msg"]
+    assert client.get("/sweeps").json()["total"] == 0
+
+
 @pytest.mark.parametrize("ctype", ["application/yaml", "application/json"])
 def test_submit_is_201_and_queued(client, tmp_path, ctype):
     spec = make_spec(tmp_path)

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from sweeper.cli import app
-from sweeper.search import make_searcher
+from sweeper.search import make_sampler, make_searcher, startup_trials
 from sweeper.spec import SweepSpec, format_spec_errors
 from tests.sweeper.conftest import write_spec
 
@@ -94,6 +94,49 @@ def test_grid_needs_choices_and_sizes_the_budget(tiny_spec):
         budget={"trials": None},
     )
     assert SweepSpec.model_validate(grid).budget.trials == 6
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options", "line"),
+    [
+        ("tpe", {"n_startup": 3}, "n_startup: not an option of Optuna's TPESampler; its options:"),
+        ("tpe", {"n_startup_trials": "five"}, "n_startup_trials: Input should be a valid integer"),
+        ("tpe", {"n_startup_trials": 2.5}, "n_startup_trials: Input should be a valid integer"),
+        ("tpe", {"gamma": 0.1}, "gamma: takes a Python object (Callable"),
+        ("tpe", {"seed": 3}, "seed: set by search.seed, not here"),
+        ("random", {"n_startup_trials": 3}, "n_startup_trials: not an option of Optuna's Random"),
+        ("qmc", {"qmc_type": "lattice"}, "The `qmc_type='lattice'` is invalid. Choose either"),
+    ],
+)
+def test_bad_sampler_options_name_the_option(tiny_spec, sampler, options, line):
+    errors = _errors(tiny_spec(search={"sampler": sampler, "sampler_options": options}))
+    path = "search.sampler_options" + ("" if sampler == "qmc" else ".")
+    assert len(errors) == 1 and errors[0].startswith(path), errors
+    assert line in errors[0], errors
+
+
+def test_sampler_defaults_follow_the_budget_and_options_override_them(tiny_spec):
+    # Ax's rule: 2 x dimensions, at most a fifth of the budget, at least 5.
+    assert [startup_trials(d, n) for d, n in [(2, 16), (2, 100), (5, 100), (8, None)]] == [
+        5,
+        5,
+        10,
+        16,
+    ]
+
+    def sampler(**changes):
+        return make_sampler(SweepSpec.model_validate(tiny_spec(**changes)))
+
+    assert sampler(budget={"trials": 100})._n_startup_trials == 5
+    mine = sampler(
+        search={"sampler_options": {"n_startup_trials": 2, "constant_liar": "false"}},
+        budget={"trials": 100},
+    )
+    assert (mine._n_startup_trials, mine._constant_liar) == (2, False)
+    gp = sampler(search={"sampler": "gp"}, budget={"trials": 100})
+    assert gp._n_startup_trials == 5
+    qmc = sampler(search={"sampler": "qmc", "sampler_options": {"qmc_type": "halton"}})
+    assert qmc._qmc_type == "halton"
 
 
 def _first(spec: SweepSpec, n: int) -> list[dict]:
