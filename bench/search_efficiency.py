@@ -9,19 +9,24 @@ Two phases:
 1. **The table** (once, cached): every configuration of a λ grid × k is trained for real
    (``trainer.train``, the frozen LM, digits) and its validation accuracy at each
    evaluation is stored in ``$SWEEPER_CACHE_DIR/bench/``. An interrupted fill continues
-   where it stopped; a rerun with the same settings costs nothing.
+   where it stopped; a rerun with the same settings costs nothing. ``--train-seeds N``
+   trains N seeds of each configuration of ``--expansions``; a configuration's accuracy
+   is the mean of the seeds the table holds for it.
 2. **The searches**: each strategy runs as a real Ray Tune sweep with the product's own
    searcher (``sweeper.search.make_searcher``: OptunaSearch with the spec's sampler) and
    ASHA (``sweeper.driver.make_scheduler``), one trial at a time, where a trial replays
    its configuration's cached curve instead of training. λ is searched log-uniformly over
    [10^-3.5, 10^1.5] and a proposal is answered by the nearest λ of the table in log
    space (each table value owns an equal slice of the range); grid walks the table itself.
+   Where the table holds several seeds of a configuration, the exact λ proposed picks the
+   one replayed: two proposals in one slice are two trainings, as in a real sweep, and
+   may see different seeds (seed-to-seed spread is the noise a real search works against).
 
 A sweep's cost is the steps its trials ran (an ASHA-stopped trial counts the steps it ran
 before the stop). For each sweep we record the steps spent until a trial first ended
-within ``--tolerance`` (default 1 accuracy point) of the best final accuracy in the table;
-a sweep that never gets there counts as not reached. Figures are medians over the search
-seeds.
+within ``--tolerance`` (default 1 accuracy point) of the best configuration's (seed-mean)
+final accuracy in the table; a sweep that never gets there counts as not reached. Figures
+are medians over the search seeds.
 
     python bench/search_efficiency.py                       # smollm2-135m + digits
     python bench/search_efficiency.py --model tiny-llama --dataset DIR --steps 20  # smoke
@@ -44,6 +49,7 @@ import platform
 import statistics
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -76,7 +82,7 @@ def table_path(settings: dict) -> Path:
     return cache_dir() / "bench" / f"search-efficiency-{key}.json"
 
 
-def _train_one(settings: dict, lam: float, k: int) -> dict:
+def _train_one(settings: dict, lam: float, k: int, seed: int) -> dict:
     import torch
 
     from trainer import TrainerConfig, train
@@ -91,7 +97,7 @@ def _train_one(settings: dict, lam: float, k: int) -> dict:
         eval_every=settings["eval_every"],
         eval_examples=settings["eval_examples"],
         batch_size=settings["batch_size"],
-        seed=settings["seed"],
+        seed=seed,
     )
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
@@ -102,13 +108,23 @@ def _train_one(settings: dict, lam: float, k: int) -> dict:
     return {
         "reg_constant": lam,
         "token_expansion": k,
+        "seed": seed,
         "curve": curve,
         "seconds": time.perf_counter() - t0,
     }
 
 
+def run_seed(run: dict, settings: dict) -> int:
+    """The training seed of a table run (runs from before seeds were recorded: the table's)."""
+    return run.get("seed", settings["seed"])
+
+
 def fill_table(
-    settings: dict, workers: int, expansions: tuple[int, ...], path: Path | None = None
+    settings: dict,
+    workers: int,
+    expansions: tuple[int, ...],
+    path: Path | None = None,
+    train_seeds: int = 1,
 ) -> dict:
     path = path or table_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +134,15 @@ def fill_table(
             f"{path}: its table was trained with {table['settings']}, not {settings}; "
             "name another --table file"
         )
-    done = {(r["reg_constant"], r["token_expansion"]) for r in table["runs"]}
-    todo = [(lam, k) for k in expansions for lam in LAMBDAS if (lam, k) not in done]
+    done = {(r["reg_constant"], r["token_expansion"], run_seed(r, settings)) for r in table["runs"]}
+    seeds = range(settings["seed"], settings["seed"] + train_seeds)
+    todo = [
+        (lam, k, seed)
+        for seed in seeds
+        for k in expansions
+        for lam in LAMBDAS
+        if (lam, k, seed) not in done
+    ]
     if todo:
         print(f"table: training {len(todo)} configurations into {path}", flush=True)
         # Load the shared model/data once here, so the workers find them prepared.
@@ -128,7 +151,7 @@ def fill_table(
 
         resolve_model(settings["model"]), load_dataset(settings["dataset"])
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_train_one, settings, lam, k) for lam, k in todo]
+            futures = [pool.submit(_train_one, settings, *job) for job in todo]
             for fut in as_completed(futures):
                 run = fut.result()
                 table["runs"].append(run)
@@ -136,13 +159,14 @@ def fill_table(
                 tmp.write_text(json.dumps(table))
                 os.replace(tmp, path)
                 print(
-                    f"  λ={run['reg_constant']:g} k={run['token_expansion']}: final accuracy "
+                    f"  λ={run['reg_constant']:g} k={run['token_expansion']} seed {run['seed']}: "
+                    "final accuracy "
                     f"{run['curve'][-1][1]:.3f} ({run['seconds']:.0f} s; "
                     f"{len(table['runs']) - len(done)}/{len(todo)})",
                     flush=True,
                 )
     else:
-        print(f"table: all {len(LAMBDAS) * len(expansions)} configurations cached in {path}")
+        print(f"table: every run asked for is cached in {path}")
     table["runs"] = [r for r in table["runs"] if r["token_expansion"] in expansions]
     return table
 
@@ -193,10 +217,18 @@ def bench_spec(
     )
 
 
+def pick_seed(config: dict, n: int) -> int:
+    """Which of a configuration's ``n`` trained seeds a proposal replays: fixed by the exact
+    λ proposed, so a search replays the same way every time, while two proposals in one λ
+    slice (two trainings in a real sweep) may see different seeds."""
+    return zlib.crc32(repr(float(config["reg_constant"])).encode()) % n
+
+
 def replay(config: dict, curves: dict) -> None:
     from ray import tune
 
-    curve = curves[(snap(config["reg_constant"]), int(config["token_expansion"]))]
+    runs = curves[(snap(config["reg_constant"]), int(config["token_expansion"]))]
+    curve = runs[pick_seed(config, len(runs))]
     started = time.time_ns()  # trials run one at a time: this orders them
     for step, acc in curve:
         tune.report({"step": step, "val/accuracy": acc, "started_ns": started})
@@ -235,6 +267,41 @@ def steps_to_reach(trials: list[tuple[int, float]], target: float) -> int | None
         if acc >= target:
             return spent
     return None
+
+
+def tpe_asha_vs_random(
+    figures: dict, tpe: list[int] | None = None, rnd: list[int] | None = None
+) -> tuple[float, float]:
+    """The headline ratio, and random search's median need (over the search seeds ``tpe``
+    and ``rnd`` pick, default all). Conservative both ways (see the module docstring): an
+    upper bound on the true ratio."""
+    t_seeds, r_seeds = figures["tpe + asha"]["per_seed"], figures["random"]["per_seed"]
+    tpe_need = statistics.median(
+        math.inf if t_seeds[i]["steps_to_target"] is None else t_seeds[i]["steps_to_target"]
+        for i in (tpe if tpe is not None else range(len(t_seeds)))
+    )
+    random_need = statistics.median(
+        r_seeds[i]["steps_to_target"] or r_seeds[i]["steps_total"]
+        for i in (rnd if rnd is not None else range(len(r_seeds)))
+    )
+    return tpe_need / random_need, random_need
+
+
+def bootstrap(figures: dict, n: int = 4000) -> tuple[float, float, float]:
+    """95% percentile interval of the ratio over search seeds resampled with replacement,
+    and the share of resamples at or below 0.5. Resampled in pairs: search seed i of tpe
+    starts from the same seeded random draws as seed i of random search (Optuna's startup
+    trials), so the two sweeps of one seed are not independent."""
+    import random
+
+    rng = random.Random(0)
+    seeds = range(len(figures["random"]["per_seed"]))
+    ratios = []
+    for _ in range(n):
+        pick = rng.choices(seeds, k=len(seeds))
+        ratios.append(tpe_asha_vs_random(figures, pick, pick)[0])
+    ratios.sort()
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1], sum(r <= 0.5 for r in ratios) / n
 
 
 def plot(figures: dict, out: Path, n_configs: int, tolerance: float) -> None:
@@ -297,6 +364,13 @@ def main() -> None:
         default=None,
         help="the table's file (default: the cache); name one in the repository to keep it",
     )
+    ap.add_argument(
+        "--train-seeds",
+        type=int,
+        default=1,
+        help="training seeds per configuration to train into the table (--seed, --seed+1, ...)",
+    )
+    ap.add_argument("--fill-only", action="store_true", help="train the table, search nothing")
     ap.add_argument("--search-seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=24, help="trials per tpe/random sweep")
     ap.add_argument("--grace", type=int, default=None, help="ASHA grace period (steps)")
@@ -307,16 +381,24 @@ def main() -> None:
 
     settings = table_settings(args)
     expansions = tuple(sorted(args.expansions))
-    table = fill_table(settings, args.workers, expansions, args.table)
-    curves = {(r["reg_constant"], r["token_expansion"]): r["curve"] for r in table["runs"]}
-    best = max(c[-1][1] for c in curves.values())
+    table = fill_table(settings, args.workers, expansions, args.table, args.train_seeds)
+    if args.fill_only:
+        return
+    curves: dict[tuple[float, int], list] = {}
+    for r in sorted(table["runs"], key=lambda r: run_seed(r, settings)):
+        curves.setdefault((r["reg_constant"], r["token_expansion"]), []).append(r["curve"])
+    # A configuration's accuracy: the mean final accuracy of its trained seeds.
+    final = {c: statistics.fmean(run[-1][1] for run in runs) for c, runs in curves.items()}
+    best = max(final.values())
     target = best - args.tolerance
-    near = sorted((lam, k) for (lam, k), c in curves.items() if c[-1][1] >= target)
-    print(f"\nbest final accuracy in the table: {best:.4f}; target {target:.4f}")
+    near = sorted(c for c, acc in final.items() if acc >= target)
+    n_seeds = sorted({len(runs) for runs in curves.values()})
+    print(f"\ntraining seeds per configuration: {'/'.join(map(str, n_seeds))}")
+    print(f"best (seed-mean) final accuracy in the table: {best:.4f}; target {target:.4f}")
     print(f"configurations within tolerance: {near} of {len(curves)}")
     print("\nλ \\ k  " + "  ".join(f"{k:>6}" for k in expansions))
     for lam in LAMBDAS:
-        row = "  ".join(f"{curves[(lam, k)][-1][1]:6.3f}" for k in expansions)
+        row = "  ".join(f"{final[(lam, k)]:6.3f}" for k in expansions)
         print(f"{lam:<7g}{row}")
 
     import tempfile
@@ -367,15 +449,15 @@ def main() -> None:
         f"\nmachine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, python "
         f"{sys.version.split()[0]}"
     )
-    # Conservative both ways (see the module docstring): an upper bound on the true ratio.
-    random_needed = statistics.median(
-        p["steps_to_target"] if p["steps_to_target"] is not None else p["steps_total"]
-        for p in figures["random"]["per_seed"]
-    )
-    ratio = figures["tpe + asha"]["median_steps_to_target"] / random_needed
+    ratio, random_needed = tpe_asha_vs_random(figures)
+    low, high, at_most_half = bootstrap(figures)
     print(
         f"random search needed at least {random_needed:g} steps (median, a sweep that missed "
         "counted at the steps it spent)"
+    )
+    print(
+        f"bootstrap over search seeds: 95% interval {low:.2f}-{high:.2f}; "
+        f"{at_most_half:.1%} of resamples at or below 0.5"
     )
     if args.json:
         args.json.write_text(
@@ -387,6 +469,8 @@ def main() -> None:
                     "near": near,
                     "figures": figures,
                     "ratio": ratio,
+                    "ratio_95": [low, high],
+                    "resamples_at_most_half": at_most_half,
                 },
                 indent=2,
             )
