@@ -384,6 +384,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG of the figures here")
     args = ap.parse_args()
+    for name in ("train_seeds", "replay_seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
 
     settings = table_settings(args)
     expansions = tuple(sorted(args.expansions))

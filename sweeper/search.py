@@ -24,7 +24,8 @@ def startup_trials(dimensions: int, trials: int | None) -> int:
 
 def sampler_defaults(spec: SweepSpec) -> dict[str, Any]:
     """The sampler arguments sweeper picks from the spec; ``search.sampler_options``
-    overrides them. (Optuna 5's TPE is already multivariate with a constant liar.)"""
+    overrides them. (Optuna 5's TPE is already multivariate on a single objective, with a
+    constant liar.)"""
     s = spec.search
     defaults: dict[str, Any] = {}
     if s.sampler in ("tpe", "gp"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,12 +19,10 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.errors import PydanticSchemaGenerationError
 
 from trainer.config import TrainerConfig
 
@@ -91,39 +87,74 @@ SAMPLERS: dict[str, type[osamplers.BaseSampler]] = {
     "gp": osamplers.GPSampler,
     "qmc": osamplers.QMCSampler,
 }
-# Arguments the spec itself sets: the seed from search.seed, the grid from search.space.
-_SET_BY_SPEC = {"seed": "search.seed", "search_space": "search.space"}
+
+_Startup = Annotated[int, Field(ge=0, le=10_000)]
 
 
-def _sampler_option(cls: type, name: str, value: Any) -> Any:
-    """``value`` checked against the type of ``cls``'s keyword ``name`` (and coerced as
-    pydantic does); ValueError naming what is wrong."""
-    params = inspect.signature(cls.__init__).parameters
-    if name in _SET_BY_SPEC:
-        raise ValueError(f"set by {_SET_BY_SPEC[name]}, not here")
-    p = params.get(name)
-    if name == "self" or p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-        known = sorted(n for n in params if n != "self" and n not in _SET_BY_SPEC)
-        raise ValueError(
-            f"not an option of Optuna's {cls.__name__}"
-            + (f"; its options: {', '.join(known)}" if known else "; it takes none")
-        )
-    hint: Any = p.annotation
-    if isinstance(hint, str):  # Optuna postpones its annotations: resolve in its module
-        try:
-            hint = eval(hint, dict(vars(sys.modules[cls.__module__])))
-        except Exception:  # a name imported for type checking only: a Python object
-            hint = None
+class _SamplerOptions(BaseModel):
+    """Keyword arguments of one Optuna sampler that a spec may set: plain values with
+    bounds, none that Optuna has deprecated or that would take a Python object."""
+
+    model_config = _STRICT
+
+
+class TPEOptions(_SamplerOptions):
+    n_startup_trials: _Startup | None = None
+    n_ei_candidates: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    multivariate: bool | None = None
+    group: bool | None = None
+    constant_liar: bool | None = None
+
+
+class GPOptions(_SamplerOptions):
+    n_startup_trials: _Startup | None = None
+    deterministic_objective: bool | None = None
+
+
+class CmaEsOptions(_SamplerOptions):
+    n_startup_trials: _Startup | None = None
+    popsize: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    use_separable_cma: bool | None = None
+    with_margin: bool | None = None
+    lr_adapt: bool | None = None
+    consider_pruned_trials: bool | None = None
+
+
+class QMCOptions(_SamplerOptions):
+    qmc_type: Literal["sobol", "halton"] | None = None
+    scramble: bool | None = None
+
+
+SAMPLER_OPTIONS: dict[str, type[_SamplerOptions]] = {
+    "tpe": TPEOptions,
+    "random": _SamplerOptions,
+    "grid": _SamplerOptions,
+    "cmaes": CmaEsOptions,
+    "gp": GPOptions,
+    "qmc": QMCOptions,
+}
+
+
+def _check_sampler_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` validated (and coerced) for ``sampler``; ValueError led by the option's
+    path below ``search``."""
+    model = SAMPLER_OPTIONS[sampler]
     try:
-        adapter = TypeAdapter(Any if hint is inspect.Parameter.empty else hint)
-    except PydanticSchemaGenerationError:
-        adapter = None
-    if hint is None or adapter is None or "Callable" in str(hint):
-        raise ValueError(f"takes a Python object ({p.annotation}); a spec cannot give one")
-    try:
-        return adapter.validate_python(value)
-    except ValidationError as e:
-        raise ValueError(e.errors()[0]["msg"]) from None
+        return model.model_validate(options).model_dump(exclude_unset=True, exclude_none=True)
+    except ValidationError as err:
+        e = err.errors()[0]
+        name = ".".join(str(p) for p in e["loc"])
+        if name == "seed":
+            msg = "set by search.seed, not here"
+        elif e["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields) or "none"
+            msg = (
+                f"not an option of Optuna's {SAMPLERS[sampler].__name__} that a spec can set "
+                f"(options: {known})"
+            )
+        else:
+            msg = e["msg"]
+        raise ValueError(f"sampler_options.{name}: {msg}") from None
 
 
 class Search(BaseModel):
@@ -139,9 +170,11 @@ class Search(BaseModel):
     )
     sampler_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments of the Optuna sampler (e.g. n_startup_trials, "
-        "multivariate, constant_liar for tpe); they override the defaults sweeper.search "
-        "picks from the budget.",
+        description="Keyword arguments of the Optuna sampler (tpe: n_startup_trials, "
+        "n_ei_candidates, multivariate, group, constant_liar; gp: n_startup_trials, "
+        "deterministic_objective; cmaes: n_startup_trials, popsize, use_separable_cma, "
+        "with_margin, lr_adapt, consider_pruned_trials; qmc: qmc_type, scramble); they "
+        "override the defaults sweeper.search picks from the budget.",
     )
 
     def in_space(self, point: dict[str, Any]) -> bool:
@@ -169,12 +202,7 @@ class Search(BaseModel):
                     f"space.{name}: Optuna cannot divide the range {p.low}..{p.high} into "
                     f"steps of {p.step}"
                 ) from None
-        cls = SAMPLERS[self.sampler]
-        for name, value in self.sampler_options.items():
-            try:
-                self.sampler_options[name] = _sampler_option(cls, name, value)
-            except ValueError as e:
-                raise ValueError(f"sampler_options.{name}: {e}") from None
+        self.sampler_options = _check_sampler_options(self.sampler, self.sampler_options)
         if self.sampler == "grid":
             bad = [n for n, p in self.space.items() if not isinstance(p, CategoricalParam)]
             if bad:

@@ -60,6 +60,9 @@ def test_sweep_logs_a_parent_and_a_finished_child_per_trial(sweep_env, tiny_spec
     best = state["best"]
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best["value"])
     assert parent.data.params["best.token_expansion"] == str(best["params"]["token_expansion"])
+    # the sampler's arguments in force: 2 dimensions, 4 trials -> Ax's floor of 5
+    assert parent.data.params["sampler"] == "tpe"
+    assert parent.data.params["sampler.n_startup_trials"] == "5"
     accs = [t["metrics"]["val/accuracy"] for t in state["trials"].values()]
     # Two trial processes for four trials: workers are reused, and with them the model
     # and data they loaded (prepared once, in the driver).
