@@ -22,20 +22,20 @@ def startup_trials(dimensions: int, trials: int | None) -> int:
     return max(n, 5)
 
 
-def sampler_defaults(spec: SweepSpec) -> dict[str, Any]:
-    """The sampler arguments sweeper picks from the spec; ``search.sampler_options``
-    overrides them. (Optuna 5's TPE is already multivariate on a single objective, with a
-    constant liar.)"""
+def sampler_arguments(spec: SweepSpec) -> dict[str, Any]:
+    """The sampler's keyword arguments in force: sweeper's defaults from the budget, then
+    ``search.sampler_options`` over them. (Optuna 5's TPE is already multivariate on a
+    single objective, with a constant liar.)"""
     s = spec.search
     defaults: dict[str, Any] = {}
     if s.sampler in ("tpe", "gp"):
         defaults["n_startup_trials"] = startup_trials(len(s.space), spec.budget.trials)
-    return defaults
+    return defaults | s.sampler_options
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler the spec names, seeded by ``search.seed``."""
-    return spec.search.build_sampler(sampler_defaults(spec))
+    return spec.search.build_sampler(sampler_arguments(spec))
 
 
 def make_searcher(spec: SweepSpec) -> Searcher:

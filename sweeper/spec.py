@@ -226,14 +226,13 @@ class Search(BaseModel):
                 )
         return self
 
-    def build_sampler(self, defaults: dict[str, Any] | None = None) -> osamplers.BaseSampler:
-        """The Optuna sampler: ``defaults`` overridden by ``sampler_options``, seeded by
-        ``seed``; the grid sampler walks the categorical choices of ``space``."""
+    def build_sampler(self, arguments: dict[str, Any] | None = None) -> osamplers.BaseSampler:
+        """The Optuna sampler with keyword ``arguments`` (default: ``sampler_options``),
+        seeded by ``seed``; the grid sampler walks the categorical choices of ``space``."""
         cls = SAMPLERS[self.sampler]
-        kwargs = {**(defaults or {}), **self.sampler_options}
-        with (
-            warnings.catch_warnings()
-        ):  # Optuna marks multivariate, constant_liar, gp... experimental
+        kwargs = self.sampler_options if arguments is None else arguments
+        # Optuna marks multivariate, constant_liar, the gp sampler... experimental.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if self.sampler == "grid":
                 grid = {k: p.choices for k, p in self.space.items()}  # type: ignore[union-attr]

@@ -546,12 +546,10 @@ class SweepParentRun:
         if ids.get("parent_run_id"):
             with_retries(client.update_run, ids["parent_run_id"], status="RUNNING")
             return cls(client, ids["parent_run_id"], ids["experiment_id"])
-        from sweeper.search import sampler_defaults
+        from sweeper.search import sampler_arguments
 
         exp_id = with_retries(_experiment_id, client, spec.experiment)
         run_id = with_retries(_parent_run, client, exp_id, rec.id)
-        # The sampler's arguments in force: sweeper's defaults, then the spec's options.
-        options = sampler_defaults(spec) | spec.search.sampler_options
         with_retries(client.log_artifact, run_id, str(rec.path / "spec.yaml"))
         with_retries(
             client.log_batch,
@@ -561,7 +559,11 @@ class SweepParentRun:
                 Param("trials", str(spec.budget.trials)),
                 Param("repeats", str(spec.repeats)),
                 Param("objective", ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives)),
-                *(Param(f"sampler.{k}", str(v)) for k, v in sorted(options.items())),
+                # the sampler's arguments in force, sweeper's defaults included
+                *(
+                    Param(f"sampler.{k}", str(v))
+                    for k, v in sorted(sampler_arguments(spec).items())
+                ),
             ],
         )
         rec.update(
