@@ -56,7 +56,7 @@ from sweeper.spec import SweepSpec
 from sweeper.tracking import SweepParentRun
 from trainer.config import flatten_config
 from trainer.data import DIGIT_QUESTIONS
-from trainer.loop import TRAIN_METRICS, question_slug
+from trainer.metrics import TRAIN_METRICS, question_slug
 
 MAX_BATCH = 1000  # MLflow's log_batch limit, as sweeper/tracking.py uses it
 TRAIN_KEYS = (

@@ -35,7 +35,7 @@ from sweeper.tracking import (
     with_retries,
 )
 from trainer.config import TrainerConfig
-from trainer.loop import question_slug
+from trainer.metrics import question_slug
 
 TRIAL_INDEX = "__trial_index__"  # set by Ray Tune's Repeater: which seed of a configuration
 

@@ -251,9 +251,9 @@ class Objective(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known(cls, v: str) -> str:
-        from trainer.loop import TRAIN_METRICS, VAL_METRICS
+        from trainer.metrics import VAL_METRICS, is_metric
 
-        if v in VAL_METRICS or v in TRAIN_METRICS or v.startswith("val/accuracy_by_question/"):
+        if is_metric(v):
             return v
         raise ValueError(f"{v!r} is not a metric the trainer reports; one of {VAL_METRICS}")
 

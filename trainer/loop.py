@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.data import Dataset, load_dataset
+from trainer.metrics import question_slug
 from trainer.model import (
     Batch,
     LossBalance,
@@ -31,27 +31,6 @@ from trainer.model import (
 )
 
 Report = Callable[[int, dict[str, float]], None]
-
-# What `report` receives: every step the train metrics, on eval steps the val metrics too
-# (plus val/accuracy_by_question/<question>).
-TRAIN_METRICS = (
-    "train/loss_lm",
-    "train/loss_reg",
-    "train/loss_total",
-    "train/reg_constant",
-    "train/grad_norm_lm",
-    "train/grad_norm_reg",
-    "train/lr",
-    "train/proj_token_norm",
-    "train/lm_token_norm",
-)
-VAL_METRICS = (
-    "val/accuracy",
-    "val/accuracy_choice",
-    "val/loss_lm",
-    "val/loss_reg",
-    "val/probe_accuracy",
-)
 
 
 @dataclass
@@ -213,11 +192,6 @@ class Probe:
             )
         out["val/probe_accuracy"] = float(np.mean(list(out.values())))
         return out
-
-
-def question_slug(text: str) -> str:
-    """A question as a metric-name suffix: ``val/accuracy_by_question/<slug>``."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
 
 
 def train(

@@ -23,7 +23,7 @@ from sweeper.store import SweepRecord
 from sweeper.tracking import MLFLOW_HTTP_DEFAULTS
 from tests.api.cluster import MlflowServer
 from tests.conftest import make_dataset
-from trainer.loop import TRAIN_METRICS
+from trainer.metrics import TRAIN_METRICS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
