@@ -13,7 +13,15 @@ from trainer.config import TrainerConfig
 
 WEIGHTS = "weights.safetensors"
 # Fields that may change when a run resumes: they decide how it runs, not what it learns.
-_RUNTIME_FIELDS = {"device", "precision", "eval_every", "eval_examples", "checkpoint_every"}
+_RUNTIME_FIELDS = {
+    "device",
+    "precision",
+    "eval_every",
+    "eval_examples",
+    "checkpoint_every",
+    "eval_at_start",
+    "test_at_end",
+}
 
 
 def save_checkpoint(

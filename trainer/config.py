@@ -78,8 +78,15 @@ class TrainerConfig(BaseModel):
     projector_hidden: int | None = Field(
         None,
         ge=1,
-        description="Hidden width of the projector (the mlp2x_gelu's, or the qformer's "
-        "query width); default the LM hidden size (LLaVA's choice).",
+        description="Hidden width of the projector per token (the mlp2x_gelu's, or the "
+        "qformer's query width); default the LM hidden size (LLaVA's choice).",
+    )
+    projector_width: Literal["per_token", "fixed"] = Field(
+        "per_token",
+        description="'per_token': the mlp kinds' hidden layer is projector_hidden × k wide, "
+        "so more tokens widen the channel the image passes through (a fixed width is a "
+        "bottleneck whatever k is). 'fixed': projector_hidden for every k (LLaVA's "
+        "mlp2x_gelu at k = 1). The qformer's width is per query either way.",
     )
     projector: Literal["mlp", "mlp_residual", "moe", "qformer"] = Field(
         "mlp",
@@ -104,7 +111,24 @@ class TrainerConfig(BaseModel):
         "them. At each eval a linear probe (logistic regression) is fitted on the frozen "
         "projected tokens of the train images to predict their answers, and scored on "
         "the val images: val/probe_accuracy (mean over these questions) says what the "
-        "projector kept that training never asked for.",
+        "projector kept that training never asked for; val/probe_ceiling is the same "
+        "probe on the normalised raw embeddings, val/probe_retained = (probe - chance) / "
+        "(ceiling - chance).",
+    )
+    delayed_questions: dict[str, int] = Field(
+        default_factory=dict,
+        description="{question: step}: the question joins training at that step (it is "
+        "evaluated from step 0). Its accuracy and NLL after it joins "
+        "(val/accuracy_by_question/<q>, val/loss_lm_by_question/<q>) say how well the "
+        "projector kept what the LM needs later.",
+    )
+    prompt_layout: Literal["image_first", "question_first"] = Field(
+        "image_first",
+        description="'image_first': image tokens, then the question, then the answer, as "
+        "LLaVA and the note lay it out. 'question_first': the question first (its KV cache "
+        "computed once per question, so faster), then the image tokens: the LM reads the "
+        "image already knowing the question, a query-conditioned reading. Both compute "
+        "logits only at the answer (lm_path 'fast').",
     )
     recon_head: Literal["linear", "mlp"] = Field(
         "linear",
@@ -140,6 +164,16 @@ class TrainerConfig(BaseModel):
     eval_examples: int | None = Field(
         None, ge=1, description="Cap on validation examples per eval; null: the whole split."
     )
+    eval_at_start: bool = Field(
+        True,
+        description="Evaluate at step 0, before any update: the untrained projector's "
+        "accuracy and probe (the floor) are on record beside the trained ones.",
+    )
+    test_at_end: bool = Field(
+        False,
+        description="Also evaluate the test split after the last step (test/* metrics): "
+        "keep it for the final claim, after choosing on val.",
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="Save a checkpoint every this many steps (0: only at the end)."
     )
@@ -158,6 +192,14 @@ class TrainerConfig(BaseModel):
         "answer tokens. 'reference': image tokens first, full sequence, full logits.",
     )
 
+    balance_lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="Learning rate of the 'uncertainty' balance's log variances (no weight "
+        "decay); null: lr. Adam moves them about balance_lr per step, so at lr 1e-3 they "
+        "barely move in a few hundred steps: 0.05 lets them settle.",
+    )
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
@@ -173,6 +215,28 @@ class TrainerConfig(BaseModel):
                 f"must end before max_steps ({self.max_steps}), or the LM loss never trains"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_questions(self) -> TrainerConfig:
+        for q, step in self.delayed_questions.items():
+            if q in self.probe_questions:
+                raise ValueError(
+                    f"delayed_questions: {q!r} is also in probe_questions (held out of "
+                    "training): a question is either held out or delayed"
+                )
+            if not 1 <= step <= self.max_steps:
+                raise ValueError(
+                    f"delayed_questions: {q!r} joins at step {step}, but steps run "
+                    f"1..{self.max_steps} (max_steps)"
+                )
+        return self
+
+    def projector_width_for(self, lm_dim: int) -> int:
+        """The projector's hidden width for this k (see ``projector_width``)."""
+        base = self.projector_hidden or lm_dim
+        if self.projector_width == "per_token" and self.projector != "qformer":
+            return base * self.token_expansion
+        return base
 
     def schedule_steps(self) -> int:
         """The λ ramp's or the autoencoder stage's length in steps."""

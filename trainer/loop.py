@@ -12,23 +12,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.batches import QuestionGroups, normalise
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.data import Dataset, load_dataset
-from trainer.metrics import question_slug
+from trainer.evaluate import Evaluator
 from trainer.model import (
-    Batch,
     LossBalance,
     Projector,
     PromptCache,
     ReconHead,
-    answer_logits_fast,
-    answer_logits_reference,
-    exact_match,
+    answer_logits_for,
     lm_loss,
     load_lm,
     reg_loss,
 )
+from trainer.probe import Probe, linear_probe_accuracy  # noqa: F401  (re-exported)
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -71,129 +70,6 @@ def shared_dataset(name: str) -> Dataset:
     return load_dataset(name)
 
 
-def normalise(emb: np.ndarray, train_rows: np.ndarray, how: str) -> np.ndarray:
-    """Standardise with train statistics, or scale to unit norm (see TrainerConfig).
-
-    Patch embeddings ``[n, P, D]`` are standardised with the statistics of every train
-    image's patches, and each patch scaled on its own under ``l2``.
-    """
-    if how == "standardize":
-        train = emb[train_rows].reshape(-1, emb.shape[-1])
-        mu, sd = train.mean(0), train.std(0)
-        return (emb - mu) / np.maximum(sd, 1e-6)
-    if how == "l2":
-        return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-    return emb
-
-
-class QuestionGroups:
-    """A split's examples grouped by question, answers tokenised and padded once."""
-
-    def __init__(self, examples: list[dict], prompts: PromptCache, device: torch.device):
-        by_q: dict[str, list[dict]] = {}
-        for ex in examples:
-            by_q.setdefault(ex["question"], []).append(ex)
-        self.groups = []
-        for q, exs in by_q.items():
-            ids = [prompts.answer_ids(ex["answer"]) for ex in exs]
-            a = max(len(x) for x in ids)
-            padded = torch.zeros(len(ids), a, dtype=torch.long)
-            for i, x in enumerate(ids):
-                padded[i, : len(x)] = torch.tensor(x)
-            lengths = torch.tensor([len(x) for x in ids])
-            mask = torch.arange(a)[None] < lengths[:, None]
-            images = torch.tensor([ex["image"] for ex in exs])
-            answers = [ex["answer"] for ex in exs]
-            self.groups.append((q, images, padded.to(device), mask.to(device), answers))
-        self.sizes = np.array([len(g[1]) for g in self.groups], dtype=np.float64)
-
-    def batch(
-        self, g: int, rows: torch.Tensor, emb: torch.Tensor, patches: torch.Tensor | None = None
-    ) -> tuple[Batch, torch.Tensor]:
-        q, images, ids, mask, answers = self.groups[g]
-        img = images[rows]
-        ids_b, mask_b = ids[rows], mask[rows]
-        a = int(mask_b.sum(1).max())  # trim padding no example in this batch needs
-        b = Batch(q, emb[img], ids_b[:, :a], mask_b[:, :a], [answers[i] for i in rows.tolist()])
-        if patches is not None:
-            b.patches = patches[img]
-        return b, img
-
-    def sample(
-        self,
-        seed: int,
-        step: int,
-        batch_size: int,
-        emb: torch.Tensor,
-        patches: torch.Tensor | None = None,
-    ) -> Batch:
-        """The batch of a step is a pure function of (seed, step): resume replays it exactly.
-
-        One question per batch, so all items share the cached prefix (and a length).
-        """
-        rng = np.random.default_rng([seed, step])
-        g = int(rng.choice(len(self.groups), p=self.sizes / self.sizes.sum()))
-        n = len(self.groups[g][1])
-        rows = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
-        return self.batch(g, rows, emb, patches)[0]
-
-
-def linear_probe_accuracy(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
-) -> float:
-    """Accuracy on ``x_val`` of a logistic regression fitted on ``x_train`` (standardised)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(set(y_train.tolist())) < 2:
-        return float(np.mean(y_val == y_train[0]))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
-    clf.fit(x_train, y_train)
-    return float(clf.score(x_val, y_val))
-
-
-class Probe:
-    """The held-out questions (``probe_questions``) and the linear probe that scores them."""
-
-    def __init__(self, data, questions: list[str]):
-        self.questions = list(questions)
-        known = set(data.questions())
-        missing = [q for q in self.questions if q not in known]
-        if missing:
-            raise ValueError(
-                f"probe_questions: {missing[0]!r} is not a question of this dataset; it has "
-                + ", ".join(repr(q) for q in sorted(known))
-            )
-        if self.questions and known <= set(self.questions):
-            raise ValueError("probe_questions: hold some questions out, not all of them")
-        self.answers = {
-            (split, q): sorted(
-                {(ex["image"], ex["answer"]) for ex in data.examples[split] if ex["question"] == q}
-            )
-            for split in ("train", "val")
-            for q in self.questions
-        }
-
-    def asked(self, examples: list[dict]) -> list[dict]:
-        """The examples the LM trains and is evaluated on: not the held-out questions."""
-        return [ex for ex in examples if ex["question"] not in self.questions]
-
-    def score(self, features) -> dict[str, float]:
-        """``features(image rows) -> [n, f]`` tensor; the probe's val accuracy per question."""
-        out = {}
-        for q in self.questions:
-            (tr, va) = (self.answers[("train", q)], self.answers[("val", q)])
-            x_tr = features(torch.tensor([i for i, _ in tr])).float().cpu().numpy()
-            x_va = features(torch.tensor([i for i, _ in va])).float().cpu().numpy()
-            y_tr, y_va = np.array([a for _, a in tr]), np.array([a for _, a in va])
-            out[f"val/probe_accuracy/{question_slug(q)}"] = linear_probe_accuracy(
-                x_tr, y_tr, x_va, y_va
-            )
-        out["val/probe_accuracy"] = float(np.mean(list(out.values())))
-        return out
-
-
 def train(
     cfg: TrainerConfig,
     report: Report | None = None,
@@ -204,7 +80,8 @@ def train(
     Args:
         cfg: the run's config.
         report: called as ``report(step, metrics)`` once per step, with the train metrics
-            and, on eval steps, the validation metrics too.
+            and, on eval steps, the validation metrics too (step 0: the evaluation before
+            any update, when ``eval_at_start``).
         checkpoint_dir: where checkpoints go; a checkpoint already there is resumed.
 
     Returns:
@@ -225,17 +102,43 @@ def train(
     if data.patches > 1 and cfg.projector == "qformer":
         patches = normalise(data.embeddings, train_rows, cfg.embedding_norm)
         patches = torch.from_numpy(patches).float().to(device)
-    probe = Probe(data, cfg.probe_questions)
+    known = set(data.questions())
+    probe = Probe(data, cfg.probe_questions, known)
+    joins = _delays(cfg, known)
     train_groups = QuestionGroups(probe.asked(data.examples["train"]), prompts, device)
-    val_examples = probe.asked(data.examples["val"])[: cfg.eval_examples]
-    val_groups = QuestionGroups(val_examples, prompts, device)
 
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp)
+
+    answer_logits = answer_logits_for(cfg.lm_path, cfg.prompt_layout)
+
+    def evaluator(split: str, cap: int | None) -> Evaluator:
+        examples = probe.asked(data.examples.get(split, []))[:cap]
+        return Evaluator(
+            split,
+            QuestionGroups(examples, prompts, device),
+            lm=lm,
+            prompts=prompts,
+            answer_logits=answer_logits,
+            probe=probe,
+            choices=data.choices,
+            batch_size=cfg.batch_size,
+            autocast=autocast,
+        )
+
+    validate = evaluator("val", cfg.eval_examples)
+
+    # Seed s fixes the initialisation (here) and the batch order (QuestionGroups.sample):
+    # every configuration run with seed s starts from the same weights where shapes agree
+    # and sees the same batches, so configurations compare paired by seed.
     torch.manual_seed(cfg.seed)
     projector = Projector(
         data.dim,
         lm_dim,
         cfg.token_expansion,
-        cfg.projector_hidden,
+        cfg.projector_width_for(lm_dim),
         kind=cfg.projector,
         experts=cfg.projector_experts,
         layers=cfg.qformer_layers,
@@ -245,75 +148,41 @@ def train(
     balance = LossBalance(cfg.reg_balance).to(device)
     proj_params = list(projector.parameters())
     params = proj_params + list(head.parameters())
-    opt = torch.optim.AdamW(
-        params + list(balance.parameters()),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-    )
+    groups = [{"params": params}]
+    if list(balance.parameters()):  # the learned weights: their own lr, no decay
+        groups.append(
+            {
+                "params": list(balance.parameters()),
+                "lr": cfg.balance_lr or cfg.lr,
+                "weight_decay": 0.0,
+            }
+        )
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = _scheduler(opt, cfg)
-    answer_logits = answer_logits_fast if cfg.lm_path == "fast" else answer_logits_reference
 
     start, ckpt = 0, None
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir)
         start = load_checkpoint(ckpt, projector, head, opt, sched, cfg, balance) or 0
 
-    def autocast():
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp)
-
-    def project(rows: torch.Tensor) -> torch.Tensor:
-        """The projected tokens of these images."""
-        return projector(emb[rows], None if patches is None else patches[rows])
-
     def evaluate() -> dict[str, float]:
-        projector.eval(), head.eval()
-        nll = n_tok = reg = 0.0
-        hits, choice_hits, choice_n, n = [], 0, 0, 0
-        per_q: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad(), autocast():
-            for g, (q, images, *_rest) in enumerate(val_groups.groups):
-                for i in range(0, len(images), cfg.batch_size):
-                    rows = torch.arange(i, min(i + cfg.batch_size, len(images)))
-                    b, _ = val_groups.batch(g, rows, emb, patches)
-                    tokens = projector(b.embeddings, b.patches)
-                    reg += reg_loss(head(tokens), b.embeddings).sum().item()
-                    logits = answer_logits(lm, prompts, b, tokens).float()
-                    k = int(b.answer_mask.sum())
-                    nll += lm_loss(logits, b).item() * k
-                    n_tok += k
-                    hit = exact_match(logits, b)
-                    hits.append(hit)
-                    per_q.setdefault(q, []).append(hit)
-                    got, counted = _choice_hits(logits, b, data.choices.get(q), prompts)
-                    choice_hits, choice_n = choice_hits + got, choice_n + counted
-                    n += len(rows)
-        if probe.questions:
-            with torch.no_grad():
-                out_probe = probe.score(lambda rows: project(rows.to(device)).flatten(1))
-        projector.train(), head.train()
-        acc = torch.cat(hits).float().mean().item()
-        out = {"val/accuracy": acc, "val/loss_lm": nll / n_tok, "val/loss_reg": reg / n}
-        if choice_n:
-            out["val/accuracy_choice"] = choice_hits / choice_n
-        for q, h in per_q.items():
-            out[f"val/accuracy_by_question/{question_slug(q)}"] = torch.cat(h).float().mean().item()
-        if probe.questions:
-            out.update(out_probe)
-        return out
+        return validate(projector, head, emb, patches, device)
 
     history: list[tuple[int, dict[str, float]]] = []
     metrics: dict[str, float] = {}
-    if start >= cfg.max_steps:  # resumed a finished run: nothing to train, report where it is
+    if start >= cfg.max_steps or (start == 0 and cfg.eval_at_start):
+        # a resumed finished run reports where it is; a fresh one, its untrained floor
         metrics = evaluate()
+        if start >= cfg.max_steps and cfg.test_at_end:
+            metrics.update(evaluator("test", None)(projector, head, emb, patches, device))
+        if start == 0:
+            history.append((0, metrics))
         if report is not None:
             report(start, metrics)
     for step in range(start + 1, cfg.max_steps + 1):
         lam = cfg.reg_weight(step)
         ae = cfg.in_ae_stage(step)  # reconstruction alone: the LM is not run
-        batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb, patches)
+        batch = train_groups.sample(cfg.seed, step, cfg.batch_size, emb, patches, joins)
         with autocast():
             tokens = projector(batch.embeddings, batch.patches)
             loss_reg = reg_loss(head(tokens), batch.embeddings).mean()
@@ -328,8 +197,9 @@ def train(
             loss_reg.backward()
             grad_norm_reg = _norm([p.grad for p in proj_params])
         else:
-            # Each loss's own gradient on the projector, so a user sees which one dominates:
-            # the reg gradient first (its graph is small), then the LM's by backward().
+            # Each loss's own gradient on the projector, so a user sees which one dominates
+            # and whether they pull apart: the reg gradient first (its graph is small),
+            # then the LM's by backward().
             g_reg = torch.autograd.grad(loss_reg, params, retain_graph=True, allow_unused=True)
             aux = projector.aux_loss
             g_aux = (
@@ -338,22 +208,31 @@ def train(
                 else None
             )
             loss_lm.backward()
-            grad_norm_lm = _norm([p.grad for p in proj_params])
+            g_lm = [p.grad for p in proj_params]
+            grad_norm_lm = _norm(g_lm)
             grad_norm_reg = _norm(g_reg[: len(proj_params)])
+            grad_cos = _cosine(g_lm, g_reg[: len(proj_params)])
             w_lm, w_reg = balance.weights(loss_lm, loss_reg)
-            for p, g in zip(params, g_reg, strict=True):
+            a = lam * w_reg
+            for i, (p, g) in enumerate(zip(params, g_reg, strict=True)):
                 if p.grad is not None and w_lm != 1.0:
                     p.grad.mul_(w_lm)
-                if g is not None:
-                    a = lam * w_reg
-                    p.grad = a * g if p.grad is None else p.grad.add_(g, alpha=a)
+                # At λ = 0 the head still learns to reconstruct (from tokens the projector
+                # is not pushed to keep reconstructible: the projector's part is dropped),
+                # so val/loss_reg measures what the tokens hold at every λ.
+                c = a if (a > 0 or i < len(proj_params)) else 1.0
+                if g is not None and c:
+                    p.grad = c * g if p.grad is None else p.grad.add_(g, alpha=c)
             balance.backward(loss_lm, loss_reg, lam)
             for p, g in zip(params, g_aux or (), strict=False):
                 if g is not None:
                     w = cfg.moe_aux_weight
                     p.grad = w * g if p.grad is None else p.grad.add_(g, alpha=w)
-        if cfg.grad_clip:
+        if cfg.grad_clip and (ae or a > 0):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        elif cfg.grad_clip:  # λ = 0: the head is its own model; its gradient must not
+            torch.nn.utils.clip_grad_norm_(proj_params, cfg.grad_clip)  # scale the projector's
+            torch.nn.utils.clip_grad_norm_(params[len(proj_params) :], cfg.grad_clip)
         opt.step()
         sched.step()
 
@@ -371,12 +250,16 @@ def train(
             metrics["train/loss_lm"] = loss_lm.item()
             metrics["train/loss_total"] = w_lm * loss_lm.item() + lam * w_reg * loss_reg.item()
             metrics["train/grad_norm_lm"] = grad_norm_lm
+            if grad_cos is not None:
+                metrics["train/grad_cos"] = grad_cos
             if projector.aux_loss is not None:
                 metrics["train/moe_aux_loss"] = projector.aux_loss.item()
             if cfg.reg_balance != "none":
                 metrics["train/balance_lm"], metrics["train/balance_reg"] = w_lm, w_reg
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             metrics.update(evaluate())
+        if step == cfg.max_steps and cfg.test_at_end:
+            metrics.update(evaluator("test", None)(projector, head, emb, patches, device))
         if ckpt is not None and (
             step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
@@ -389,24 +272,37 @@ def train(
     )
 
 
+def _delays(cfg: TrainerConfig, known: set[str]) -> dict[str, int]:
+    """``delayed_questions``, checked against the dataset's questions."""
+    for q in cfg.delayed_questions:
+        if q not in known:
+            raise ValueError(
+                f"delayed_questions: {q!r} is not a question of this dataset; it has "
+                + ", ".join(repr(x) for x in sorted(known))
+            )
+    if cfg.delayed_questions and known - set(cfg.probe_questions) <= set(cfg.delayed_questions):
+        raise ValueError("delayed_questions: leave some question to train from step 1")
+    return dict(cfg.delayed_questions)
+
+
+def _cosine(a: list, b) -> float | None:
+    """Cosine between two gradients given as per-parameter lists (None where unused)."""
+    dot = na = nb = 0.0
+    for x, y in zip(a, b, strict=True):
+        if x is not None:
+            na += x.detach().float().pow(2).sum().item()
+        if y is not None:
+            nb += y.detach().float().pow(2).sum().item()
+        if x is not None and y is not None:
+            dot += (x.detach().float() * y.detach().float()).sum().item()
+    if na == 0.0 or nb == 0.0:
+        return None
+    return dot / math.sqrt(na * nb)
+
+
 def _norm(grads) -> float:
     gs = [g.detach().float().norm() for g in grads if g is not None]
     return torch.stack(gs).norm().item() if gs else 0.0
-
-
-def _choice_hits(logits: torch.Tensor, b: Batch, choices, prompts: PromptCache) -> tuple[int, int]:
-    """Choice by likelihood: the candidate whose first answer token scores highest.
-
-    Returns (hits, examples scored); questions without choices, or whose candidates share
-    a first token (this cheap scorer can't tell them apart), are not scored.
-    """
-    if not choices:
-        return 0, 0
-    firsts = [prompts.answer_ids(c)[0] for c in choices]
-    if len(set(firsts)) != len(firsts):
-        return 0, 0
-    pick = logits[:, 0, firsts].argmax(-1).tolist()
-    return sum(choices[p] == a for p, a in zip(pick, b.answers, strict=True)), len(pick)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig):

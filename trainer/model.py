@@ -11,11 +11,12 @@ from torch import nn
 
 from trainer.sources import SourceError, resolve_model
 
-# Prompt layout. The fast path puts all text first, so its KV cache is computed once per
-# question; what changes per example (image tokens, answer) comes last. The image tokens
-# sit right before the answer, so each item costs only k + len(answer) positions.
+# Prompt layouts. question_first puts all text first, so its KV cache is computed once per
+# question; what changes per example (image tokens, answer) comes last, so each item costs
+# only k + len(answer) positions, but the LM reads the image already knowing the question.
 FAST_PREFIX = "Question: {question}\nAnswer: "
-# The reference layout is the plain one: image tokens first, then the whole text.
+# image_first (LLaVA's, the note's): image tokens first, then the whole text. Nothing
+# precedes the image, so there is no prefix to cache; the fast path saves the logits.
 REFERENCE_TEXT = "\nQuestion: {question}\nAnswer: "
 
 
@@ -306,21 +307,42 @@ def answer_logits_fast(
     return lm.get_output_embeddings()(hidden[:, -a:])
 
 
+def answer_logits_image_first(
+    lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Image tokens first, then the question and answer (the reference layout), with
+    logits only at the answer positions, ``[B, A, V]``: the same numbers as
+    :func:`answer_logits_reference` there, without the full-vocabulary projection of
+    every other position."""
+    hidden = lm.get_decoder()(inputs_embeds=_image_first_inputs(prompts, batch, tokens))
+    a = batch.answer_ids.shape[1]
+    return lm.get_output_embeddings()(hidden.last_hidden_state[:, -a:])
+
+
+def _image_first_inputs(prompts: PromptCache, batch: Batch, tokens: torch.Tensor):
+    b = tokens.shape[0]
+    text = prompts.embed(prompts.ids(REFERENCE_TEXT.format(question=batch.question)))
+    answer_in = prompts.embed(batch.answer_ids[:, :-1])
+    return torch.cat([tokens.to(text.dtype), text.expand(b, -1, -1), answer_in], dim=1)
+
+
 def answer_logits_reference(
     lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
 ) -> torch.Tensor:
     """Plain path: image tokens first, the whole text, logits at every position."""
-    b = tokens.shape[0]
-    text = prompts.embed(prompts.ids(REFERENCE_TEXT.format(question=batch.question))).expand(
-        b, -1, -1
-    )
-    answer_in = prompts.embed(batch.answer_ids[:, :-1])
-    x = torch.cat([tokens.to(text.dtype), text, answer_in], dim=1)
+    x = _image_first_inputs(prompts, batch, tokens)
     logits = lm(
         inputs_embeds=x, use_cache=False
     ).logits  # [B, T, V]: the full vocabulary everywhere
     a = batch.answer_ids.shape[1]
     return logits[:, -a:]
+
+
+def answer_logits_for(lm_path: str, prompt_layout: str):
+    """The LM forward a config asks for: the reference, or a fast path in its layout."""
+    if lm_path == "reference":
+        return answer_logits_reference
+    return answer_logits_fast if prompt_layout == "question_first" else answer_logits_image_first
 
 
 def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
