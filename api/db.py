@@ -29,6 +29,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from sweeper import trials
+
 
 class Base(DeclarativeBase):
     pass
@@ -89,17 +91,11 @@ class EventRow(Base):
     data: Mapped[dict] = mapped_column(JSON)
 
 
-TRIAL_FIELDS = (
-    "status",
-    "params",
-    "seed",
-    "reg_constant",
-    "token_expansion",
-    "step",
-    "metrics",
-    "mlflow_run_id",
-    "node",
-    "error",
+# The trial fields the service mirrors: the driver's trial row (``sweeper.trials.TrialRow``,
+# the one definition), less its id (a column of its own) and the worker-process details
+# (pid, resumed_from_step) a client has no use for.
+TRIAL_FIELDS = tuple(
+    k for k in trials.TrialRow.__annotations__ if k not in ("id", "pid", "resumed_from_step")
 )
 POOL_RECYCLE_S = 1800
 CONNECT_TIMEOUT_S = 10
@@ -182,6 +178,7 @@ def sweep_summary(s: Session, sw: Sweep) -> dict[str, Any]:
 
 
 def trial_dict(t: TrialRow) -> dict[str, Any]:
+    """A mirrored trial as ``api.schemas.TrialOut`` (and a trial event) has it."""
     out = {"id": t.id, **{k: getattr(t, k) for k in TRIAL_FIELDS}}
     out["started"], out["ended"] = t.started, t.ended
     return out

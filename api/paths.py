@@ -6,23 +6,21 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sweeper.sources import builtin_datasets, builtin_models, cache_dir
 from sweeper.spec import SweepSpec
-from trainer.data import DATASET_ALIASES
-from trainer.sources import MODEL_ALIASES, cache_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-FIELDS = {"model": MODEL_ALIASES, "dataset": DATASET_ALIASES}
 
 
-def _values(spec: SweepSpec, field: str) -> list[tuple[str, Any]]:
-    """Every value ``field`` can take in the spec, with its path in the spec."""
+def _values(stored: dict[str, Any], field: str) -> list[tuple[str, Any]]:
+    """Every value ``field`` can take in the (stored) spec, with its path in the spec."""
     out = []
-    if field in spec.trainer:
-        out.append((f"trainer.{field}", spec.trainer[field]))
-    param = spec.search.space.get(field)
-    for i, choice in enumerate(getattr(param, "choices", None) or []):
+    if field in stored["trainer"]:
+        out.append((f"trainer.{field}", stored["trainer"][field]))
+    param = stored["search"]["space"].get(field) or {}
+    for i, choice in enumerate(param.get("choices") or []):
         out.append((f"search.space.{field}.choices.{i}", choice))
-    for i, point in enumerate(spec.search.points):
+    for i, point in enumerate(stored["search"]["points"]):
         if field in point:
             out.append((f"search.points.{i}.{field}", point[field]))
     return out
@@ -33,12 +31,15 @@ def path_errors(spec: SweepSpec, roots: list[Path]) -> list[dict[str, str]]:
 
     Aliases pass; for models, so does a hub id (``org/name``) that is not a local path.
     A path passes when it resolves (symlinks and ``..`` followed) under a root or the
-    builtin cache.
+    builtin cache. Checked on the spec as it will be stored (its JSON form), so a value
+    that becomes a path only there (YAML ``!!binary`` bytes turn into text) is caught too.
     """
+    stored = spec.model_dump(mode="json")
     allowed = [*roots, cache_dir().resolve()]
     errors = []
-    for field, aliases in FIELDS.items():
-        for where, value in _values(spec, field):
+    builtins = {"model": builtin_models(), "dataset": builtin_datasets()}
+    for field, aliases in builtins.items():
+        for where, value in _values(stored, field):
             if not isinstance(value, str) or value in aliases:
                 continue
             try:

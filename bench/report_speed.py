@@ -1,11 +1,11 @@
-"""Build time of the per-sweep report (``dashboards.report.write_report``) from MLflow.
+"""Build time of the per-sweep report (``sweeper.reports.write_report``) from MLflow.
 
-Setup (not timed): a synthetic MLflow store with the layout ``sweeper/tracking.py`` writes
+Setup (not timed): a synthetic MLflow store with the layout ``sweeper/callbacks.py`` writes
 for a finished sweep. One experiment (the spec's ``experiment``); a parent run (run name
 and tag ``sweep_id``, the spec as artifact ``spec.yaml``, params sampler/trials/repeats/
 objective, the best configuration via ``SweepParentRun.log_best``); ``--trials`` child runs
 (tags ``mlflow.parentRunId``, ``trial_id``, ``sweep_id``; params the flattened trainer
-config of ``sweeper.driver.trial_config``; every metric the trainer reports, one point per
+config of ``sweeper.trials.trial_config``; every metric the trainer reports, one point per
 step, the ``val/*`` ones every 50 steps). The spec is a TPE sweep over λ (log, 1e-3..10)
 and k ∈ {1, 2, 4, 8} with the λ = 0, k = 1 baseline and 2 seeds per configuration. Most
 runs are FINISHED; a few are KILLED part-way and 2 FAILED (with an ``error`` tag), their
@@ -23,7 +23,7 @@ Timed, ``--repeats`` times, interleaved, medians reported:
 * ``naive fetch``: the baseline, what a hand-written report would do just to get the
   data: find the children, then ``MlflowClient.get_metric_history(run_id, key)`` for the
   6 train keys and 3 val keys the report plots, run by run;
-* ``write_report``: ``dashboards.report.write_report(sweep_id, out, tracking_uri)`` into
+* ``write_report``: ``sweeper.reports.write_report(sweep_id, out, tracking_uri)`` into
   a fresh folder each time (HTML and PNGs: fetch, tables and figures).
 
     python bench/report_speed.py                        # 200 trials x 500 steps, 3 repeats
@@ -51,23 +51,28 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from sweeper.driver import TRIAL_INDEX, trial_config
+from sweeper.mlflow_runs import SweepParentRun
+from sweeper.mlflow_writer import _MAX_BATCH as MAX_BATCH
 from sweeper.spec import SweepSpec
-from sweeper.tracking import SweepParentRun
+from sweeper.trials import TRIAL_INDEX, trial_config
 from trainer.config import flatten_config
 from trainer.data import DIGIT_QUESTIONS
-from trainer.metrics import TRAIN_METRICS, question_slug
-
-MAX_BATCH = 1000  # MLflow's log_batch limit, as sweeper/tracking.py uses it
-TRAIN_KEYS = (
-    "train/loss_lm",
-    "train/loss_reg",
-    "train/loss_total",
-    "train/reg_constant",
-    "train/grad_norm_lm",
-    "train/grad_norm_reg",
+from trainer.metrics import (
+    ACCURACY,
+    GRAD_NORM_LM,
+    GRAD_NORM_REG,
+    LOSS_LM,
+    LOSS_REG,
+    LOSS_TOTAL,
+    REG_CONSTANT,
+    TRAIN_METRICS,
+    VAL_LOSS_LM,
+    VAL_LOSS_REG,
+    question_slug,
 )
-VAL_KEYS = ("val/accuracy", "val/loss_lm", "val/loss_reg")
+
+TRAIN_KEYS = (LOSS_LM, LOSS_REG, LOSS_TOTAL, REG_CONSTANT, GRAD_NORM_LM, GRAD_NORM_REG)
+VAL_KEYS = (ACCURACY, VAL_LOSS_LM, VAL_LOSS_REG)
 REPEATS_PER_CONFIG = 2  # the spec's `repeats`: seeds per configuration
 EVAL_EVERY = 50
 STEP_S = 0.4  # synthetic wall time of one step, for the timestamps
@@ -359,12 +364,12 @@ def main() -> None:
 
         t = time.perf_counter()
         try:
-            from dashboards.report import write_report
+            from sweeper.reports import write_report
         except ImportError as e:  # not written yet: the setup and the baseline still run
             write_report = None
-            print(f"dashboards.report.write_report unavailable ({e}): baseline only")
+            print(f"sweeper.reports.write_report unavailable ({e}): baseline only")
         else:
-            print(f"import dashboards.report: {time.perf_counter() - t:.2f} s (not timed)")
+            print(f"import sweeper.reports: {time.perf_counter() - t:.2f} s (not timed)")
         times: dict[str, list[float]] = {"naive fetch": [], "write_report": []}
         for r in range(args.repeats):
             fetch_s, n_runs, n_points = naive_fetch(uri, sweep_id)
@@ -404,7 +409,7 @@ def main() -> None:
     for k in med:
         print(f"| {k} | {med[k]:.2f} | {', '.join(f'{x:.2f}' for x in times[k])} |")
     if "write_report" not in med:
-        raise SystemExit("no report_build_s: dashboards.report.write_report is not there yet")
+        raise SystemExit("no report_build_s: sweeper.reports.write_report is not there yet")
     print(f"report / naive fetch: {med['write_report'] / med['naive fetch']:.2f}")
     print(f"report_build_s: {med['write_report']:.2f}")
 

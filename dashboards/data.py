@@ -13,17 +13,48 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import yaml
 from mlflow import MlflowClient
 
-from sweeper.spec import SweepSpec
-
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class ParamLike(Protocol):
+    """A searched field's range: Optuna's distribution of it."""
+
+    def distribution(self) -> Any: ...
+
+
+class ObjectiveLike(Protocol):
+    metric: str
+    mode: str  # "max" or "min"
+
+
+class SpecLike(Protocol):
+    """What the report reads of a sweep's spec (the sweeper's ``SweepSpec`` is one)."""
+
+    @property
+    def search(
+        self,
+    ) -> Any: ...  # ``.space``: field name -> ParamLike (``.choices`` if categorical)
+
+    @property
+    def objectives(self) -> list[ObjectiveLike]: ...
+
+    @property
+    def primary(self) -> ObjectiveLike: ...
+
+    def base_config(self) -> Any: ...  # the base trainer config (a TrainerConfig)
+
+
+# The parsed spec.yaml of a parent run -> the spec object (``SweepSpec.model_validate``).
+ReadSpec = Callable[[Mapping[str, Any]], SpecLike]
 
 
 class ReportError(Exception):
@@ -76,7 +107,7 @@ class Trial:
             return int(self.params["max_steps"])
         return None
 
-    def searched(self, spec: SweepSpec | None) -> dict[str, Any]:
+    def searched(self, spec: SpecLike | None) -> dict[str, Any]:
         """The searched parameters of this trial (the configuration, seeds aside)."""
         keys = list(spec.search.space) if spec else ["reg_constant", "token_expansion"]
         return {k: _typed(self.params.get(k)) for k in keys}
@@ -89,7 +120,7 @@ class SweepData:
     parent_run_id: str
     parent_status: str
     tracking_uri: str
-    spec: SweepSpec | None
+    spec: SpecLike | None
     trials: list[Trial]
     client: MlflowClient | None = None
 
@@ -137,11 +168,11 @@ def find_parent(client: MlflowClient, sweep_id: str, experiment_id: str | None =
     raise ReportError(f"no MLflow parent run for sweep {sweep_id!r} at {client.tracking_uri}")
 
 
-def _spec(client: MlflowClient, run_id: str) -> SweepSpec | None:
+def _spec(client: MlflowClient, run_id: str, read_spec: ReadSpec) -> SpecLike | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, "spec.yaml", tmp)
-            return SweepSpec.model_validate(yaml.safe_load(Path(path).read_text()))
+            return read_spec(yaml.safe_load(Path(path).read_text()))
     except Exception:  # an older or hand-made parent: the report still draws what it can
         return None
 
@@ -174,8 +205,11 @@ def load_sweep(
     sweep_id: str,
     tracking_uri: str | None = None,
     experiment_id: str | None = None,
+    *,
+    read_spec: ReadSpec,
 ) -> SweepData:
-    """One sweep's parent, spec and trials (latest metrics; histories on demand)."""
+    """One sweep's parent, spec (its ``spec.yaml`` through ``read_spec``) and trials
+    (latest metrics; histories on demand)."""
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     parent = find_parent(client, sweep_id, experiment_id)
     exp_id = parent.info.experiment_id
@@ -202,7 +236,7 @@ def load_sweep(
         parent_run_id=parent.info.run_id,
         parent_status=parent.info.status,
         tracking_uri=client.tracking_uri,
-        spec=_spec(client, parent.info.run_id),
+        spec=_spec(client, parent.info.run_id, read_spec),
         trials=trials,
         client=client,
     )

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import warnings
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import optuna
 import optuna.distributions as od
-import optuna.samplers as osamplers
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,7 +18,15 @@ from pydantic import (
     model_validator,
 )
 
+from sweeper.samplers import build_sampler, check_sampler_options
+from sweeper.spec_errors import format_spec_errors, spec_errors
 from trainer.config import TrainerConfig
+
+if TYPE_CHECKING:
+    import optuna
+
+# The error formatting is sweeper.spec_errors'; named here too, where the API reads it.
+__all__ = ["SweepSpec", "format_spec_errors", "spec_errors"]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -79,83 +81,6 @@ class CategoricalParam(BaseModel):
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
-SAMPLERS: dict[str, type[osamplers.BaseSampler]] = {
-    "tpe": osamplers.TPESampler,
-    "random": osamplers.RandomSampler,
-    "grid": osamplers.GridSampler,
-    "cmaes": osamplers.CmaEsSampler,
-    "gp": osamplers.GPSampler,
-    "qmc": osamplers.QMCSampler,
-}
-
-_Startup = Annotated[int, Field(ge=0, le=10_000)]
-
-
-class _SamplerOptions(BaseModel):
-    """Keyword arguments of one Optuna sampler that a spec may set: plain values with
-    bounds, none that Optuna has deprecated or that would take a Python object."""
-
-    model_config = _STRICT
-
-
-class TPEOptions(_SamplerOptions):
-    n_startup_trials: _Startup | None = None
-    n_ei_candidates: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    multivariate: bool | None = None
-    group: bool | None = None
-    constant_liar: bool | None = None
-
-
-class GPOptions(_SamplerOptions):
-    n_startup_trials: _Startup | None = None
-    deterministic_objective: bool | None = None
-
-
-class CmaEsOptions(_SamplerOptions):
-    n_startup_trials: _Startup | None = None
-    popsize: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    use_separable_cma: bool | None = None
-    with_margin: bool | None = None
-    lr_adapt: bool | None = None
-    consider_pruned_trials: bool | None = None
-
-
-class QMCOptions(_SamplerOptions):
-    qmc_type: Literal["sobol", "halton"] | None = None
-    scramble: bool | None = None
-
-
-SAMPLER_OPTIONS: dict[str, type[_SamplerOptions]] = {
-    "tpe": TPEOptions,
-    "random": _SamplerOptions,
-    "grid": _SamplerOptions,
-    "cmaes": CmaEsOptions,
-    "gp": GPOptions,
-    "qmc": QMCOptions,
-}
-
-
-def _check_sampler_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` validated (and coerced) for ``sampler``; ValueError led by the option's
-    path below ``search``."""
-    model = SAMPLER_OPTIONS[sampler]
-    try:
-        return model.model_validate(options).model_dump(exclude_unset=True, exclude_none=True)
-    except ValidationError as err:
-        e = err.errors()[0]
-        name = ".".join(str(p) for p in e["loc"])
-        if name == "seed":
-            msg = "set by search.seed, not here"
-        elif e["type"] == "extra_forbidden":
-            known = ", ".join(model.model_fields) or "none"
-            msg = (
-                f"not an option of Optuna's {SAMPLERS[sampler].__name__} that a spec can set "
-                f"(options: {known})"
-            )
-        else:
-            msg = e["msg"]
-        raise ValueError(f"sampler_options.{name}: {msg}") from None
-
 
 class Search(BaseModel):
     model_config = _STRICT
@@ -202,7 +127,7 @@ class Search(BaseModel):
                     f"space.{name}: Optuna cannot divide the range {p.low}..{p.high} into "
                     f"steps of {p.step}"
                 ) from None
-        self.sampler_options = _check_sampler_options(self.sampler, self.sampler_options)
+        self.sampler_options = check_sampler_options(self.sampler, self.sampler_options)
         if self.sampler == "grid":
             bad = [n for n, p in self.space.items() if not isinstance(p, CategoricalParam)]
             if bad:
@@ -226,18 +151,14 @@ class Search(BaseModel):
                 )
         return self
 
-    def build_sampler(self, arguments: dict[str, Any] | None = None) -> osamplers.BaseSampler:
+    def build_sampler(self, arguments: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
         """The Optuna sampler with keyword ``arguments`` (default: ``sampler_options``),
         seeded by ``seed``; the grid sampler walks the categorical choices of ``space``."""
-        cls = SAMPLERS[self.sampler]
         kwargs = self.sampler_options if arguments is None else arguments
-        # Optuna marks multivariate, constant_liar, the gp sampler... experimental.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if self.sampler == "grid":
-                grid = {k: p.choices for k, p in self.space.items()}  # type: ignore[union-attr]
-                return cls(grid, seed=self.seed, **kwargs)
-            return cls(seed=self.seed, **kwargs)
+        grid = None
+        if self.sampler == "grid":
+            grid = {k: p.choices for k, p in self.space.items()}  # type: ignore[union-attr]
+        return build_sampler(self.sampler, self.seed, grid, kwargs)
 
     def grid_size(self) -> int:
         return math.prod(len(p.choices) for p in self.space.values())  # type: ignore[union-attr]
@@ -256,18 +177,6 @@ class Objective(BaseModel):
         if is_metric(v):
             return v
         raise ValueError(f"{v!r} is not a metric the trainer reports; one of {VAL_METRICS}")
-
-
-def pareto_front(values: list[list[float]], modes: list[str]) -> list[int]:
-    """Indices of the rows of ``values`` (one value per objective) that no other row beats:
-    at least as good on every objective and better on one, each in its ``mode``."""
-    sign = [1 if m == "max" else -1 for m in modes]
-    scored = [[v * g for v, g in zip(row, sign, strict=True)] for row in values]
-
-    def beaten(a: list[float]) -> bool:
-        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for b in scored)
-
-    return [i for i, a in enumerate(scored) if not beaten(a)]
 
 
 # One objective, or a list of several; tagged so that errors name only the form given.
@@ -432,50 +341,3 @@ class SweepSpec(BaseModel):
 def _is_int_field(name: str) -> bool:
     annotation = TrainerConfig.model_fields[name].annotation
     return annotation is int or annotation == (int | None)
-
-
-def format_spec_errors(err: ValidationError, source: str = "") -> list[str]:
-    """One line per problem, led by its field path (``search.space.reg_constant: ...``)."""
-    return [
-        f"{source}{e['path']}: {e['msg']}" if e["path"] else f"{source}{e['msg']}"
-        for e in spec_errors(err)
-    ]
-
-
-def spec_errors(err: ValidationError) -> list[dict[str, str]]:
-    """Each problem as ``{path, msg, type}``, the path dotted from the spec's root."""
-    out = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # Discriminated unions add the tag to the path (space.x.float.low); drop it.
-        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] and p in _TAGS)]
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        # Our model validators lead their message with the path below the model's own.
-        head, sep, rest = msg.partition(": ")
-        if sep and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_/-]+)*", head):
-            loc, msg = [*loc, head], rest
-        out.append({"path": ".".join(loc), "msg": msg, "type": e["type"]})
-    return out
-
-
-_TAGS = {"float", "int", "categorical", "single", "several"}
-
-
-def parse_spec(text: str, content_type: str = "yaml") -> SweepSpec:
-    """Parse YAML or JSON text into a spec; raises ValueError or ValidationError."""
-    try:
-        data = json.loads(text) if content_type == "json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ValueError(f"not valid {content_type.upper()}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"a sweep spec is a mapping, got {type(data).__name__}")
-    return SweepSpec.model_validate(data)
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"spec file not found: {p}")
-    return parse_spec(p.read_text(), "json" if p.suffix == ".json" else "yaml")

@@ -15,7 +15,7 @@ import yaml
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
-from api.app import create_app
+from api.main import create_app
 from api.settings import Settings
 
 TOKEN = "s3cret"

@@ -123,7 +123,7 @@ def exported(tmp_path_factory) -> dict[str, dict[str, set[str]]]:
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
-    from api.app import create_app
+    from api.main import create_app
     from api.settings import Settings
 
     tmp = tmp_path_factory.mktemp("metrics")

@@ -13,10 +13,11 @@ from matplotlib import image as mpimg
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from dashboards.data import load_sweep
-from dashboards.report import _trial_rows, configurations, write_compare, write_report
+from dashboards.stats import configurations
+from dashboards.tables import _trial_rows
 from sweeper.cli import app
 from sweeper.driver import run_sweep
+from sweeper.reports import load_sweep, write_compare, write_report
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
 
@@ -123,7 +124,7 @@ def test_trials_a_cancel_cut_short_are_left_out_of_seed_means():
     """A cancel's half-trained seed would drag its configuration's mean down (and flip a
     variant's verdict); ASHA's and the time budget's stops are part of the plan and count."""
     from dashboards.data import SweepData, Trial
-    from dashboards.report import variant_rows
+    from dashboards.tables import variant_rows
 
     spec = SweepSpec.model_validate(
         {
@@ -169,7 +170,7 @@ def test_matched_rows_compare_each_variant_with_its_twin_at_the_default():
     """A one-factor-at-a-time design: each variant against the same settings with the
     field at its default, which the best-vs-best view cannot promise."""
     from dashboards.data import SweepData, Trial
-    from dashboards.report import _answer_tables, matched_rows
+    from dashboards.tables import _answer_tables, matched_rows
 
     spec = SweepSpec.model_validate(
         {

@@ -23,8 +23,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 
-from api.app import create_app
 from api.db import Database, EventRow, Sweep, TrialRow, db_unavailable
+from api.main import create_app
 from api.runner import Mirror
 from api.settings import Settings
 

@@ -18,9 +18,9 @@ import pytest
 from mlflow import MlflowClient
 
 from sweeper.driver import run_sweep
+from sweeper.mlflow_retry import MLFLOW_HTTP_DEFAULTS
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
-from sweeper.tracking import MLFLOW_HTTP_DEFAULTS
 from tests.api.cluster import MlflowServer
 from tests.conftest import make_dataset
 from trainer.metrics import TRAIN_METRICS

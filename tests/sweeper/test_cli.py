@@ -63,7 +63,7 @@ def test_train_logs_a_finished_run_to_mlflow(tmp_path, config):
         steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
         assert steps == list(range(1, 13)), key
     val = [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")]
-    assert val == [6, 12]
+    assert val == [0, 6, 12]  # step 0: the untrained projector's evaluation
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")}
     assert "checkpoint/weights.safetensors" in arts
 
@@ -133,7 +133,7 @@ def test_missing_config_file(tmp_path):
 def test_trial_table_shows_every_searched_field_and_the_probe():
     from rich.console import Console
 
-    from sweeper.cli import trials_table
+    from sweeper.cli.display import trials_table
 
     row = {
         "id": "t1",
@@ -159,7 +159,7 @@ def test_trial_table_shows_every_searched_field_and_the_probe():
 def test_a_log_file_gets_the_whole_trial_table_of_a_five_field_sweep():
     from rich.console import Console
 
-    from sweeper import cli
+    from sweeper.cli import display as cli
 
     params = {
         "reg_schedule": "cosine_decay",
@@ -184,7 +184,7 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
     table at the end: one line per trial state change, with the count ended of the total."""
     from rich.console import Console
 
-    from sweeper import cli
+    from sweeper.cli import display as cli
 
     out = Console(width=300, record=True, force_terminal=False)
     monkeypatch.setattr(cli, "console", out)
@@ -221,7 +221,7 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
 
 
 def test_a_line_for_a_trial_without_figures_or_with_an_empty_error():
-    from sweeper import cli
+    from sweeper.cli import display as cli
 
     shown = cli._Display({"trials": {}})
     row = {"id": "t1", "status": "finished", "params": {}, "metrics": {"val/accuracy": None}}
@@ -235,7 +235,7 @@ def test_following_a_remote_sweep_does_not_announce_its_past_again(monkeypatch):
     again, and its row is not set back to what an older event said."""
     from rich.console import Console
 
-    from sweeper import cli
+    from sweeper.cli import display as cli
 
     out = Console(width=300, record=True, force_terminal=False)
     monkeypatch.setattr(cli, "console", out)

@@ -18,10 +18,12 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
-from sweeper import tracking
+from sweeper import mlflow_retry as tracking
+from sweeper.callbacks import MlflowTrialLogger
+from sweeper.mlflow_retry import is_transient
+from sweeper.mlflow_writer import RunWriter
 from sweeper.spec import SweepSpec
 from sweeper.store import home
-from sweeper.tracking import MlflowTrialLogger, RunWriter, is_transient
 
 
 def _refused() -> MlflowException:
@@ -360,7 +362,7 @@ def test_experiment_end_waits_a_bounded_time_and_says_what_is_missing(
 
 
 def test_parent_run_writes_ride_out_a_short_outage():
-    from sweeper.tracking import SweepParentRun
+    from sweeper.mlflow_runs import SweepParentRun
 
     fake = FakeMlflow()
     parent_id = fake.create_run("0", run_name="sweep").info.run_id
@@ -383,8 +385,8 @@ def test_parent_run_writes_ride_out_a_short_outage():
 
 def test_a_sweep_whose_writes_could_not_drain_fails_and_says_why(sweep_env, tiny_spec):
     from sweeper.driver import _finish
+    from sweeper.mlflow_runs import SweepParentRun
     from sweeper.store import SweepRecord
-    from sweeper.tracking import SweepParentRun
 
     spec = SweepSpec.model_validate(tiny_spec(budget={"trials": 1, "max_concurrent": 1}))
     rec = SweepRecord.create(spec)

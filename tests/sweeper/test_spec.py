@@ -329,7 +329,7 @@ def _lambda_spec(*objectives: tuple[str, str]) -> SweepSpec:
 
 
 def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
-    from sweeper.driver import pareto_set
+    from sweeper.ranking import pareto_set
 
     spec = _lambda_spec(("val/accuracy", "max"), ("val/loss_reg", "min"))
     table = {  # λ: (accuracy, loss_reg), "a" and "b" are two seeds of λ = 0.1
@@ -362,7 +362,7 @@ def test_pareto_set_keeps_exactly_the_non_dominated_configurations():
 
 
 def test_a_seed_a_cancel_cut_short_does_not_count_in_best_or_pareto():
-    from sweeper.driver import best_configuration
+    from sweeper.ranking import best_configuration
 
     spec = _lambda_spec(("val/accuracy", "max"), ("val/probe_accuracy", "max"))
     table = {  # id: (λ, status, accuracy, probe)
@@ -393,7 +393,7 @@ def test_the_time_budget_counts_running_time_only_and_marks_its_end(tmp_path, mo
     a trial it stops is "time_budget", one a Ctrl-C stops is "interrupted"."""
     import pickle
 
-    from sweeper import driver
+    from sweeper import stopper as driver
 
     clock = [1000.0]
     monkeypatch.setattr(driver.time, "time", lambda: clock[0])

@@ -12,10 +12,10 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from dashboards.data import load_sweep
-from dashboards.report import configurations as report_configurations
+from dashboards.stats import configurations as report_configurations
 from sweeper.cli import app
 from sweeper.driver import run_sweep
+from sweeper.reports import load_sweep
 from sweeper.spec import SweepSpec
 from sweeper.store import SweepRecord
 from tests.conftest import make_dataset
@@ -126,7 +126,7 @@ def test_failing_trial_ends_failed_and_the_sweep_goes_on(
     assert run[str(bad)].data.tags["retried"] == "1"  # retried once (max_failures), then FAILED
     assert run[tiny_dataset].info.status == "FINISHED"
     # the report lists the failed trial and still draws the others
-    from dashboards.report import write_report
+    from sweeper.reports import write_report
 
     page = write_report(state["id"], tmp_path / "report", sweep_env).read_text()
     failed = next(t for t in state["trials"].values() if t["status"] == "failed")

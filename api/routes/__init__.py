@@ -1,0 +1,1 @@
+"""One ``APIRouter`` per resource; :func:`api.main.create_app` includes them."""

@@ -1,0 +1,121 @@
+"""``/sweeps``: submit, list, show, trials, cancel, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from api import crud
+from api.deps import Authorized, DbDep, SchedulerDep, SettingsDep
+from api.paths import path_errors
+from api.schemas import INVALID_PARAMS, MAX_INT64, ErrorBody, SweepList, SweepOut, TrialList
+from api.submission import InvalidSpec, read_spec
+from sweeper.states import STATES
+
+_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+EXAMPLE_SPEC = yaml.safe_load(_EXAMPLE.read_text()) if _EXAMPLE.is_file() else {}
+
+router = APIRouter(
+    prefix="/sweeps", tags=["sweeps"], dependencies=[Authorized], responses=INVALID_PARAMS
+)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SweepOut,
+    responses={
+        415: {"model": ErrorBody, "description": "Neither JSON nor YAML."},
+        422: {
+            "model": ErrorBody,
+            "description": "Invalid spec; each error has the field path.",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "A sweep spec (docs/sweeps.md), as JSON or YAML.",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/SweepSpec"},
+                    "example": EXAMPLE_SPEC,
+                },
+                "application/yaml": {
+                    "schema": {"$ref": "#/components/schemas/SweepSpec"},
+                    "example": EXAMPLE_SPEC,
+                },
+            },
+        }
+    },
+)
+async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
+    """Validate and queue a sweep; its driver starts when a slot is free."""
+    try:
+        spec = read_spec(
+            await request.body(), request.headers.get("content-type", "application/json")
+        )
+        bad = path_errors(spec, settings.roots())
+        if bad:
+            raise InvalidSpec(bad)
+    except InvalidSpec as e:
+        return JSONResponse({"detail": e.items}, status_code=422)
+    out = crud.create_sweep(db, spec, settings.mlflow_ui_url)
+    scheduler.wake()
+    return JSONResponse(out, status_code=201, headers={"Location": f"/sweeps/{out['id']}"})
+
+
+@router.get("", response_model=SweepList)
+def list_sweeps(
+    db: DbDep,
+    settings: SettingsDep,
+    status: Annotated[Literal[STATES] | None, Query(description="Only this state.")] = None,  # type: ignore[valid-type]
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
+):
+    """Sweeps, newest first."""
+    return crud.list_sweeps(db, status, limit, offset, settings.mlflow_ui_url)
+
+
+@router.get("/{sweep_id}", response_model=SweepOut, responses={404: {"model": ErrorBody}})
+def get_sweep(sweep_id: str, db: DbDep, settings: SettingsDep):
+    """Status, trial counts, best configuration so far and MLflow ids of one sweep."""
+    with db.session() as s:
+        return crud.sweep_out(db, s, crud.get_or_404(s, sweep_id), settings.mlflow_ui_url)
+
+
+@router.get("/{sweep_id}/trials", response_model=TrialList, responses={404: {"model": ErrorBody}})
+def get_trials(sweep_id: str, db: DbDep):
+    """Every trial: state, parameters, seed, last step, last metrics, MLflow run id."""
+    with db.session() as s:
+        crud.get_or_404(s, sweep_id)
+        return {"items": crud.list_trials(s, sweep_id)}
+
+
+@router.post(
+    "/{sweep_id}/cancel",
+    response_model=SweepOut,
+    status_code=202,
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def cancel(sweep_id: str, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
+    """Stop a sweep's trials (their MLflow runs end KILLED); a queued sweep never starts."""
+    crud.cancel_sweep(db, sweep_id)
+    scheduler.poke()
+    return get_sweep(sweep_id, db, settings)
+
+
+@router.post(
+    "/{sweep_id}/resume",
+    response_model=SweepOut,
+    status_code=202,
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def resume(sweep_id: str, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
+    """Queue an interrupted or failed sweep again; finished trials are not re-run."""
+    crud.resume_sweep(db, sweep_id)
+    scheduler.poke()
+    return get_sweep(sweep_id, db, settings)

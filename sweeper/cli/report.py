@@ -1,0 +1,83 @@
+"""`sweeper report` and `sweeper compare`: a sweep's report, several sweeps overlaid."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sweeper.cli.common import _fail
+from sweeper.cli.display import console
+from sweeper.cli.remote import Server, _client, _remote
+
+
+def report(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into.")] = Path(
+        "report"
+    ),
+    server: Server = None,
+    mlflow_ui_url: Annotated[
+        str | None,
+        typer.Option(envvar="SWEEPER_MLFLOW_UI_URL", help="Link trials into this MLflow UI."),
+    ] = None,
+) -> None:
+    """Write the sweep's report (report.html and a PNG per figure) from its MLflow records."""
+    if server:
+        _save_remote_report(_client(server), sweep_id, output)
+    else:
+        from dashboards.data import ReportError
+        from sweeper.reports import write_report
+
+        ml = {}
+        with contextlib.suppress(KeyError):  # not a sweep here: look for it in MLflow anyway
+            ml = _open_or_fail_quiet(sweep_id)
+        try:
+            path = write_report(
+                sweep_id,
+                output,
+                tracking_uri=ml.get("tracking_uri"),
+                experiment_id=ml.get("experiment_id"),
+                mlflow_ui_url=mlflow_ui_url,
+            )
+        except ReportError as e:
+            _fail([str(e)])
+        console.print(f"report: {path} (and {len(list(output.glob('*.png')))} PNGs)")
+
+
+def _open_or_fail_quiet(sweep_id: str) -> dict:
+    from sweeper.store import SweepRecord
+
+    return SweepRecord.open(sweep_id).read().get("mlflow") or {}
+
+
+def _save_remote_report(client, sweep_id: str, output: Path) -> None:
+    import base64
+    import re
+
+    text = _remote(lambda: client.report(sweep_id))
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.html").write_text(text)
+    pngs = re.findall(r'<figure id="([a-z_]+)"><img [^>]*src="data:image/png;base64,([^"]+)"', text)
+    for name, b64 in pngs:
+        (output / f"{name}.png").write_bytes(base64.b64decode(b64))
+    console.print(f"report: {output / 'report.html'} (and {len(pngs)} PNGs)")
+
+
+def compare(
+    sweep_ids: Annotated[list[str], typer.Argument(help="Two or more sweep ids.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into.")] = Path(
+        "compare"
+    ),
+) -> None:
+    """Overlay several sweeps' accuracy vs λ (per k) in one page: compare.html and a PNG."""
+    from dashboards.data import ReportError
+    from sweeper.reports import write_compare
+
+    try:
+        path = write_compare(sweep_ids, output)
+    except ReportError as e:
+        _fail([str(e)])
+    console.print(f"comparison: {path}")
