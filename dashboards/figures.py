@@ -15,9 +15,17 @@ from dashboards.data import SweepData, Trial
 from dashboards.html import _conf_label
 from dashboards.stats import _best_per_k, _interval, _pareto, configurations
 from dashboards.tables import _variant_fields, variant_rows
-from trainer.metrics import GRAD_NORM_LM, GRAD_NORM_REG, LOSS_LM, LOSS_REG, REG_CONSTANT
+from trainer.metrics import (
+    GRAD_COS,
+    GRAD_NORM_LM,
+    GRAD_NORM_REG,
+    LOSS_LM,
+    LOSS_REG,
+    PROBE_RETAINED,
+    REG_CONSTANT,
+)
 
-CURVE_KEYS = (LOSS_LM, LOSS_REG, REG_CONSTANT, GRAD_NORM_LM, GRAD_NORM_REG)
+CURVE_KEYS = (LOSS_LM, LOSS_REG, REG_CONSTANT, GRAD_NORM_LM, GRAD_NORM_REG, GRAD_COS)
 COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -131,9 +139,13 @@ def fig_curves(data: SweepData):
 
 
 def fig_grad_ratio(data: SweepData):
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax_cos) = plt.subplots(1, 2, figsize=(14, 4.5))
     n = 0
     for i, (label, t) in enumerate(_shown(data).items()):
+        if GRAD_COS in t.history:
+            steps, cos = t.history[GRAD_COS]
+            ax_cos.plot(steps, cos, lw=1, color=COLOURS[i % len(COLOURS)], label=label)
+            n += len(steps)
         h = t.history
         if not {"train/grad_norm_lm", "train/grad_norm_reg"} <= h.keys():
             continue
@@ -156,8 +168,51 @@ def fig_grad_ratio(data: SweepData):
     ax.set_ylabel("λ · |∇ reg| / |∇ lm|")
     ax.set_title("Which loss drives the projector (above 1: the reg loss)")
     ax.grid(True, which="both", alpha=0.3)
+    ax_cos.axhline(0.0, color="black", lw=0.8, ls=":")
+    ax_cos.set_xlabel("step")
+    ax_cos.set_ylabel("cos(∇ lm, ∇ reg)")
+    ax_cos.set_title("Do the two losses pull together (> 0) or apart (< 0)?")
+    ax_cos.grid(True, alpha=0.3)
     if n:
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, n
+
+
+def fig_retained(data: SweepData):
+    """What the probe kept of the held-out questions, (probe − chance) / (ceiling − chance):
+    its seed mean vs λ per k, and each λ's paired difference from λ = 0 at the same k."""
+    if not any(PROBE_RETAINED in t.metrics for t in data.trials):
+        raise _NotApplicable
+    from dashboards.paired import baseline_rows
+
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(14, 5))
+    n = _vs_lambda(ax, data, PROBE_RETAINED, "retained (1: all the raw embedding holds)")
+    ax.set_title("Retained vs λ per k (seed means, 95% t-interval)", fontsize=10)
+    by_k: dict[int, list] = {}
+    for r in baseline_rows(data, [PROBE_RETAINED]):
+        by_k.setdefault(r["k"], []).append(r)
+    for i, (k, rows) in enumerate(sorted(by_k.items())):
+        rows.sort(key=lambda r: r["lam"])
+        ax_d.errorbar(
+            [r["lam"] * 1.04**i for r in rows],  # dodged, so the k's intervals don't overlap
+            [r["diff"].mean for r in rows],
+            yerr=[r["diff"].half or 0.0 for r in rows],
+            marker="o",
+            capsize=3,
+            color=COLOURS[i % len(COLOURS)],
+            label=f"k = {k} (n = {min(r['diff'].n for r in rows)} seeds)",
+        )
+        n += len(rows)
+    ax_d.axhline(0.0, color="black", lw=0.8)
+    if by_k:
+        ax_d.set_xscale("log")
+        ax_d.legend(fontsize=8)
+    ax_d.set_xlabel("reg constant λ")
+    ax_d.set_ylabel("retained(λ) − retained(0), same seed")
+    ax_d.set_title("Paired difference from λ = 0 (95% t-interval)", fontsize=10)
+    ax_d.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
     return fig, n
 
 

@@ -64,3 +64,61 @@ def paired_difference(
     sd = statistics.stdev(diffs)
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
     return PairedDifference(len(diffs), mean, mean - half, mean + half, tuple(seeds))
+
+
+# --- each configuration against its λ = 0 baseline, paired by seed ------------------------
+
+
+def baseline_rows(data, keys: list[str]) -> list[dict]:
+    """Each configuration with λ > 0 against its baseline, the same configuration at λ = 0
+    (same k, projector and every other searched field), paired by seed, for each of
+    ``keys`` the trials reported. Rows: ``config``, ``k``, ``lam``, ``key``, ``mean`` and
+    ``base_mean`` (seed means), ``diff`` (:class:`PairedDifference`)."""
+    from dashboards.html import _conf_label
+    from dashboards.stats import _by_configuration, by_seed
+
+    rows = []
+    for key in keys:
+        confs = _by_configuration(data, [key])
+        by_params = {_key(c["params"]): c for c in confs}
+        for c in confs:
+            lam = _float(c["params"].get("reg_constant"))
+            if lam is None or lam <= 0:
+                continue
+            twin = by_params.get(_key(c["params"] | {"reg_constant": 0.0}))
+            if twin is None:
+                continue
+            d = paired_difference(by_seed(c, key), by_seed(twin, key))
+            if d is None:
+                continue
+            others = {k: v for k, v in c["params"].items() if k != "reg_constant"}
+            rows.append(
+                {
+                    "config": _conf_label(others) or "(no other searched field)",
+                    "k": int(_float(c["params"].get("token_expansion")) or _k(data, c)),
+                    "lam": lam,
+                    "key": key,
+                    "mean": statistics.fmean(c[key]),
+                    "base_mean": statistics.fmean(twin[key]),
+                    "diff": d,
+                }
+            )
+    return sorted(rows, key=lambda r: (r["key"], r["config"], r["lam"]))
+
+
+def _key(params: dict) -> tuple:
+    norm = {k: (_float(v) if k == "reg_constant" else v) for k, v in params.items()}
+    return tuple(sorted((k, str(v)) for k, v in norm.items()))
+
+
+def _float(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _k(data, conf) -> int:
+    """k of a configuration that does not search it: the trials' own (all share it)."""
+    ks = {t.token_expansion for t in data.trials}
+    return ks.pop() if len(ks) == 1 else 1

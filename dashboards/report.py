@@ -6,7 +6,8 @@ curves over steps with the λ in force; the gradient-norm ratio λ·|∇reg| / |
 which loss drives the projector; Optuna's optimisation history, parameter importances
 and parallel coordinates (a study rebuilt from the MLflow records); for a multi-objective
 sweep its Pareto set; for a sweep over projector variants (or any categorical field) each
-value at its best configuration against the default's, with Welch intervals; and a
+value at its best configuration against the default's, paired by seed; each configuration
+against λ = 0 at the same other settings, paired by seed; and a
 sortable table of trials. The HTML embeds the PNGs and a few lines of its own script: no
 CDN, no network.
 """
@@ -32,20 +33,23 @@ from dashboards.figures import (
     fig_final_losses,
     fig_grad_ratio,
     fig_pareto,
+    fig_retained,
     fig_variants,
     plt,
 )
 from dashboards.figures_optuna import fig_optuna
 from dashboards.html import _LOADED, _SCRIPT, _STYLE, _table
+from dashboards.paired import baseline_rows
 from dashboards.stats import configurations
 from dashboards.tables import _answer_tables, _summary, _trial_rows
-from trainer.metrics import ACCURACY
+from trainer.metrics import ACCURACY, PROBE_RETAINED
 
 FIGURES: list[tuple[str, str, Callable]] = [
     ("accuracy_vs_lambda", "Accuracy vs reg constant", fig_accuracy),
     ("final_losses_vs_lambda", "Final LM and reg losses vs reg constant", fig_final_losses),
     ("loss_curves", "Loss curves over steps, with the λ in force", fig_curves),
-    ("grad_norm_ratio", "Gradient-norm ratio λ·|∇reg| / |∇lm|", fig_grad_ratio),
+    ("probe_retained", "What the projector kept of the held-out questions", fig_retained),
+    ("grad_norm_ratio", "The two losses' gradients: norm ratio and cosine", fig_grad_ratio),
     ("optuna_history", "Optuna: optimisation history", lambda d: fig_optuna(d, "history")),
     ("optuna_importances", "Optuna: parameter importances", lambda d: fig_optuna(d, "importances")),
     ("optuna_parallel", "Optuna: parallel coordinates", lambda d: fig_optuna(d, "parallel")),
@@ -147,7 +151,8 @@ def write_compare(
     *,
     read_spec: ReadSpec,
 ) -> Path:
-    """Several sweeps' accuracy vs λ overlaid (a line per sweep and k): ``out/compare.html``."""
+    """Several sweeps' accuracy vs λ overlaid (a line per sweep and k), and each sweep's
+    configurations against λ = 0 paired by seed: ``out/compare.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sweeps = [load_sweep(s, tracking_uri, read_spec=read_spec) for s in sweep_ids]
@@ -160,6 +165,17 @@ def write_compare(
             for r in confs:
                 rows.append([data.sweep_id, k, r["lam"], r["mean"], r["half"], r["n"]])
     head = ["sweep", "k", "λ", ACCURACY, "± 95%", "seeds"]
+    paired = []
+    for data in sweeps:
+        keys = [ACCURACY] + (
+            [PROBE_RETAINED] if any(PROBE_RETAINED in t.metrics for t in data.trials) else []
+        )
+        for r in baseline_rows(data, keys):
+            d = r["diff"]
+            paired.append(
+                [data.sweep_id, r["key"], r["config"], r["lam"], d.mean, d.half, d.n, d.verdict()]
+            )
+    paired_head = ["sweep", "metric", "at", "λ", "vs λ = 0", "± 95%", "seeds", "verdict"]
     b64 = base64.b64encode(png).decode()
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Sweep comparison</title>
@@ -168,6 +184,9 @@ def write_compare(
 <figure id="compare"><img alt="accuracy vs λ" src="data:image/png;base64,{b64}"></figure>
 <h2>Configurations</h2><p>Click a column to sort.</p>
 {_table(head, rows)}
+<h2>Against λ = 0, paired by seed</h2><p>Within each sweep, each configuration against the
+same configuration at λ = 0: the mean per-seed difference and its 95% t-interval.</p>
+{_table(paired_head, paired)}
 <script>{_SCRIPT}</script>
 <script type="application/json" id="figures">{json.dumps({"compare": points})}</script>
 </body></html>

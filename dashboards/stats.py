@@ -103,7 +103,17 @@ def _by_configuration(data: SweepData, keys: list[str]) -> list[dict[str, Any]]:
         lambda t: t.searched(data.spec),
         _last,
     )
-    return [{"params": g["params"], **g["values"]} for g in groups]
+    # "_seeds": each value's seed, in the values' order, for comparisons paired by seed
+    return [
+        {"params": g["params"], "_seeds": [t.seed for t in g["items"]], **g["values"]}
+        for g in groups
+    ]
+
+
+def by_seed(conf: dict[str, Any], key: str) -> dict[Any, float]:
+    """A configuration's values of ``key`` (from :func:`_by_configuration`) by seed; a seed
+    seen twice (a trial retried into a new run) keeps its last value."""
+    return dict(zip(conf["_seeds"], conf[key], strict=True))
 
 
 def _pareto(data: SweepData) -> tuple[list[dict[str, Any]], list[int]]:

@@ -10,8 +10,24 @@ from typing import Any
 
 from dashboards.data import SweepData, _typed
 from dashboards.html import _conf_label, _table
-from dashboards.stats import _best_per_k, _by_configuration, _interval, _last, _pareto, _welch_half
-from trainer.metrics import ACCURACY, LOSS_LM, LOSS_REG, VAL_LOSS_LM, VAL_LOSS_REG
+from dashboards.paired import baseline_rows, paired_difference
+from dashboards.stats import (
+    _best_per_k,
+    _by_configuration,
+    _interval,
+    _last,
+    _pareto,
+    _welch_half,
+    by_seed,
+)
+from trainer.metrics import (
+    ACCURACY,
+    LOSS_LM,
+    LOSS_REG,
+    PROBE_RETAINED,
+    VAL_LOSS_LM,
+    VAL_LOSS_REG,
+)
 
 _LAM_K = ("reg_constant", "token_expansion")  # the note's two axes; other fields are variants
 
@@ -35,7 +51,8 @@ def _variant_fields(data: SweepData) -> dict[str, Any]:
 def variant_rows(data: SweepData) -> list[dict[str, Any]]:
     """For each searched categorical field (projector, reg_schedule, ...): each value's best
     configuration (by the seed mean of the objective: "at its best λ") against the best of
-    the reference value (the field's default), with Welch's 95% interval of the difference.
+    the reference value (the field's default): the difference paired by seed (Welch's
+    interval only where the two share fewer than 2 seeds).
     """
     key = data.metric
     sign = 1 if data.mode == "max" else -1
@@ -56,11 +73,10 @@ def variant_rows(data: SweepData) -> list[dict[str, Any]]:
                 best[v] = c
         if ref not in best:
             continue
-        base = best[ref][key]
         for value, c in best.items():
             row = _variant_row(field, value, ref, c, key)
             if value != ref:
-                row |= _versus(c[key], base, sign)
+                row |= _versus(c, best[ref], key, sign)
             rows.append(row)
     return rows
 
@@ -80,10 +96,16 @@ def _variant_row(field: str, value: Any, ref: Any, conf: dict, key: str) -> dict
     }
 
 
-def _versus(values: list[float], base: list[float], sign: int) -> dict[str, Any]:
-    """The difference of the means, Welch's 95% half-width, and what they say."""
-    diff = statistics.fmean(values) - statistics.fmean(base)
-    half_d = _welch_half(values, base)
+def _versus(conf: dict, base: dict, key: str, sign: int) -> dict[str, Any]:
+    """``conf`` against ``base`` on ``key``: the mean paired difference over the seeds both
+    ran and its 95% t-interval (seed s is the same initialisation and batch order in both);
+    Welch's unpaired interval only where they share fewer than 2 seeds."""
+    d = paired_difference(by_seed(conf, key), by_seed(base, key))
+    if d is not None and d.n >= 2:
+        return {"diff": d.mean, "diff_half": d.half, "verdict": d.verdict(sign), "paired": d.n}
+    values, base_v = conf[key], base[key]
+    diff = statistics.fmean(values) - statistics.fmean(base_v)
+    half_d = _welch_half(values, base_v)
     if half_d is None:
         verdict = "needs 2+ seeds (that differ) on both sides"
     elif sign * diff > half_d:  # the interval of the difference excludes 0
@@ -91,8 +113,8 @@ def _versus(values: list[float], base: list[float], sign: int) -> dict[str, Any]
     elif sign * diff < -half_d:
         verdict = "worse"
     else:
-        verdict = "no clear difference"
-    return {"diff": diff, "diff_half": half_d, "verdict": verdict}
+        verdict = "cannot tell"
+    return {"diff": diff, "diff_half": half_d, "verdict": verdict, "paired": 0}
 
 
 def matched_rows(data: SweepData) -> list[dict[str, Any]]:
@@ -122,7 +144,7 @@ def matched_rows(data: SweepData) -> list[dict[str, Any]]:
                     "ref_mean": ref_mean,
                     "ref_half": ref_half,
                     "ref_n": len(twin[key]),
-                    **_versus(c[key], twin[key], sign),
+                    **_versus(c, twin, key, sign),
                 }
             )
     return sorted(rows, key=lambda r: (r["field"], str(r["value"]), r["config"]))
@@ -220,6 +242,9 @@ def _answer_tables(data: SweepData) -> list[str]:
                 "(seed means, ± the 95% interval).</p>"
                 + _table(["configuration", *[f"{o.mode} {o.metric}" for o in objs], "seeds"], rows)
             )
+    baseline = _baseline_table(data)
+    if baseline:
+        out.append(baseline)
     variants = variant_rows(data) if _variant_fields(data) else []
     if variants:
         rows = [
@@ -229,10 +254,7 @@ def _answer_tables(data: SweepData) -> list[str]:
                 r["config"],
                 f"{r['mean']:.4f} ± {r['half']:.4f}",
                 str(r["n"]),
-                ""
-                if "diff" not in r
-                else f"{r['diff']:+.4f}"
-                + ("" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"),
+                "" if "diff" not in r else _diff_cell(r),
                 r.get("verdict", "reference"),
             ]
             for r in variants
@@ -240,8 +262,9 @@ def _answer_tables(data: SweepData) -> list[str]:
         out.append(
             f"<h2>Does each variant beat the default?</h2><p>Each value's best configuration "
             f"by the seed mean of {html.escape(data.metric)} (its best λ and k), against the "
-            "default's best; the difference with Welch's 95% interval. Picking the best of "
-            "several configurations favours values that had more of them.</p>"
+            "default's best; the mean difference paired by seed with its 95% t-interval. "
+            "Picking the best of several configurations favours values that had more of "
+            "them, and a sampler's own choices are no evidence: read the matched table.</p>"
             + _table(["field", "value", "at", data.metric, "seeds", "vs default", "verdict"], rows)
         )
     matched = matched_rows(data) if _variant_fields(data) else []
@@ -253,8 +276,7 @@ def _answer_tables(data: SweepData) -> list[str]:
                 r["config"],
                 f"{r['mean']:.4f} ± {r['half']:.4f} ({r['n']})",
                 f"{r['ref_mean']:.4f} ± {r['ref_half']:.4f} ({r['ref_n']})",
-                f"{r['diff']:+.4f}"
-                + ("" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"),
+                _diff_cell(r),
                 r["verdict"],
             ]
             for r in matched
@@ -262,11 +284,55 @@ def _answer_tables(data: SweepData) -> list[str]:
         out.append(
             "<h2>Matched: each variant against the default at the same other settings</h2>"
             "<p>Every configuration whose twin (the same settings, the field at its default) "
-            "also ran; seed means ± 95% (seeds), the difference with Welch's 95% interval. "
-            "Unlike the best-vs-best table, nothing else differs between the two.</p>"
+            "also ran; seed means ± 95% (seeds), the mean difference paired by seed with its "
+            "95% t-interval. Unlike the best-vs-best table, nothing else differs between the "
+            "two.</p>"
             + _table(
                 ["field", "variant", "at", "variant mean", "default mean", "difference", "verdict"],
                 rows,
             )
         )
     return out
+
+
+def _baseline_table(data: SweepData) -> str:
+    """Each configuration against λ = 0 at the same other settings, paired by seed: the
+    objective, and what the probe retained where the trials report it."""
+    keys = [data.metric]
+    if any(PROBE_RETAINED in t.metrics for t in data.trials) and PROBE_RETAINED not in keys:
+        keys.append(PROBE_RETAINED)
+    rows = []
+    for r in baseline_rows(data, keys):
+        d = r["diff"]
+        sign = -1 if (r["key"] == data.metric and data.mode == "min") else 1
+        verdict = d.verdict(sign)
+        if verdict == "cannot tell":
+            verdict += f" (rules out |difference| > {d.rules_out():.3f})"
+        rows.append(
+            [
+                r["key"],
+                r["config"],
+                f"{r['lam']:.4g}",
+                f"{r['mean']:.4f}",
+                f"{r['base_mean']:.4f}",
+                d.text("+.4f"),
+                verdict,
+            ]
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>Against λ = 0, paired by seed</h2><p>Each configuration with λ > 0 against the "
+        "same configuration at λ = 0 (same k, projector and every other searched field): "
+        "the mean of the per-seed differences [95% t-interval] (n seeds). Seed s is the same "
+        "initialisation and batch order in both, so the seeds' own spread cancels. "
+        "'cannot tell' where the interval holds 0.</p>"
+        + _table(["metric", "at", "λ", "mean", "λ = 0 mean", "paired difference", "verdict"], rows)
+    )
+
+
+def _diff_cell(r: dict[str, Any]) -> str:
+    """A difference ± its 95% half-width, and whether it was paired by seed."""
+    half = "" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"
+    how = f" (paired, {r['paired']} seeds)" if r.get("paired") else " (unpaired)"
+    return f"{r['diff']:+.4f}{half}{how}"

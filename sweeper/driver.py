@@ -76,16 +76,17 @@ def _check_objective(metric: str, d: str, data, base: TrainerConfig) -> None:
             f"objective.metric: dataset {d!r} lists no answer choices for every question, "
             "so val/accuracy_choice is never reported"
         )
-    if metric.startswith("val/probe_accuracy") and not base.probe_questions:
+    if metric.startswith("val/probe_") and not base.probe_questions:
         raise ValueError(
             f"objective.metric: {metric} is reported only with trainer.probe_questions "
             "(the questions the probe holds out)"
         )
-    if metric.startswith("val/accuracy_by_question/") and metric.split("/")[-1] not in slugs:
-        raise ValueError(
-            f"objective.metric: dataset {d!r} has no such question; it has "
-            + ", ".join(sorted(f"val/accuracy_by_question/{x}" for x in slugs))
-        )
+    for family in ("val/accuracy_by_question/", "val/loss_lm_by_question/"):
+        if metric.startswith(family) and metric.split("/")[-1] not in slugs:
+            raise ValueError(
+                f"objective.metric: dataset {d!r} has no such question; it has "
+                + ", ".join(sorted(f"{family}{x}" for x in slugs))
+            )
 
 
 def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:

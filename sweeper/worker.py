@@ -112,7 +112,7 @@ def _run_trial(cfg: TrainerConfig, work: Path) -> None:
                 **metrics,
                 "history": list(history),
                 "node_id": node,
-                "resumed_from_step": first[0] - 1,
+                "resumed_from_step": max(0, first[0] - 1),  # step 0: a fresh start
             },
             checkpoint=ckpt,
         )

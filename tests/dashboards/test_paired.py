@@ -47,3 +47,76 @@ def test_too_few_pairs():
     one = paired_difference({0: 1.0}, {0: 0.5})
     assert one.n == 1 and one.low is None and one.verdict() == "too few seeds"
     assert math.isclose(one.mean, 0.5)
+
+
+def _sweep(rows):
+    """A synthetic sweep: (λ, k, seed, accuracy, retained) per trial."""
+    from dashboards.data import SweepData, Trial
+    from sweeper.spec import SweepSpec
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "paired",
+            "search": {
+                "space": {
+                    "reg_constant": {"type": "categorical", "choices": [0.0, 1.0]},
+                    "token_expansion": {"type": "categorical", "choices": [1, 4]},
+                }
+            },
+        }
+    )
+    trials = [
+        Trial(
+            f"t{i}",
+            f"t{i}",
+            "FINISHED",
+            {"reg_constant": str(lam), "token_expansion": str(k), "seed": str(seed)},
+            {"val/accuracy": acc, "val/probe_retained": ret},
+        )
+        for i, (lam, k, seed, acc, ret) in enumerate(rows)
+    ]
+    return SweepData("s", "0", "p", "FINISHED", "file:///x", spec, trials)
+
+
+def test_each_configuration_is_paired_with_its_lambda_zero_twin_by_seed(tmp_path):
+    from dashboards.paired import baseline_rows
+    from dashboards.report import render
+    from dashboards.tables import _answer_tables
+
+    # seeds spread by 0.1 each; λ = 1 adds a steady +0.02 retained at k = 1, nothing at k = 4
+    rows = []
+    for s in range(4):
+        rows += [
+            (0.0, 1, s, 0.5 + 0.1 * s, 0.6 + 0.1 * s),
+            (1.0, 1, s, 0.5 + 0.1 * s + 0.001 * (-1) ** s, 0.62 + 0.1 * s + 0.002 * (s % 2)),
+            (0.0, 4, s, 0.6 + 0.1 * s, 0.7 + 0.1 * s),
+            (1.0, 4, s, 0.6 + 0.1 * s, 0.7 + 0.1 * s + 0.01 * (-1) ** s),
+        ]
+    data = _sweep(rows)
+    got = {(r["key"], r["k"]): r for r in baseline_rows(data, ["val/probe_retained"])}
+    assert set(got) == {("val/probe_retained", 1), ("val/probe_retained", 4)}
+    k1, k4 = got[("val/probe_retained", 1)], got[("val/probe_retained", 4)]
+    assert k1["lam"] == 1.0 and k1["diff"].n == 4
+    assert k1["diff"].mean == pytest.approx(0.021) and k1["diff"].verdict() == "better"
+    assert k4["diff"].mean == pytest.approx(0.0, abs=1e-12)
+    assert k4["diff"].verdict() == "cannot tell"
+    tables = "".join(_answer_tables(data))
+    assert "Against λ = 0, paired by seed" in tables and "rules out |difference|" in tables
+    page = render(data, tmp_path).read_text()
+    assert (tmp_path / "probe_retained.png").is_file() and "probe_retained" in page
+
+
+def test_a_configuration_missing_seeds_pairs_only_the_shared_ones():
+    from dashboards.paired import baseline_rows
+
+    data = _sweep(
+        [
+            (0.0, 1, 0, 0.5, 0.5),
+            (0.0, 1, 1, 0.6, 0.6),
+            (1.0, 1, 1, 0.7, 0.7),
+            (1.0, 1, 2, 0.9, 0.9),  # seed 2 has no λ = 0 run
+        ]
+    )
+    (row,) = baseline_rows(data, ["val/accuracy"])
+    assert row["diff"].n == 1 and row["diff"].seeds == (1,)
+    assert row["diff"].mean == pytest.approx(0.1) and row["diff"].verdict() == "too few seeds"
