@@ -19,6 +19,7 @@ from sweeper.spec import SweepSpec
 from sweeper.states import FINAL_STATES, TRIAL_UNFINISHED
 from sweeper.store import new_id
 
+RESUMABLE = ("interrupted", "failed")
 _SWEEP_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 
 
@@ -32,7 +33,31 @@ def get_or_404(s: Session, sweep_id: str) -> Sweep:
 
 
 def sweep_out(db: Database, s: Session, sw: Sweep, mlflow_ui_url: str | None) -> dict[str, Any]:
-    """A sweep as :class:`api.schemas.SweepOut` has it."""
+    """A sweep as :class:`api.schemas.SweepOut` has it, every string encodable as UTF-8."""
+    return readable(_sweep_out(db, s, sw, mlflow_ui_url))
+
+
+def readable(value: Any) -> Any:
+    """``value`` with each string that cannot be UTF-8 (a lone surrogate) backslash-escaped.
+
+    Submission refuses such text (``sweeper.spec_parse.storable``); a row stored before
+    that (or written by hand) is shown escaped rather than failing its route, and a list
+    that holds it, with a 500 for ever.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+        return value
+    if isinstance(value, dict):
+        return {readable(k): readable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [readable(v) for v in value]
+    return value
+
+
+def _sweep_out(db: Database, s: Session, sw: Sweep, mlflow_ui_url: str | None) -> dict[str, Any]:
     counts = db.trial_counts(s, sw.id)
     ui = None
     if mlflow_ui_url and sw.experiment_id:
@@ -152,22 +177,49 @@ def cancel_sweep(db: Database, sweep_id: str) -> None:
             s.refresh(sw)
             db.add_event(s, sweep_id, "sweep", sweep_summary(s, sw))
         else:
-            sw = get_or_404(s, sweep_id)
-            if sw.status in FINAL_STATES:
+            # A driver runs it: ask it to stop, in one conditional update too, so a sweep
+            # that became final meanwhile answers 409 rather than taking the flag.
+            res = s.execute(
+                update(Sweep)
+                .where(Sweep.id == sweep_id, Sweep.status.not_in(FINAL_STATES))
+                .values(cancel_requested=True, updated=time.time())
+            )
+            if res.rowcount != 1:
+                sw = get_or_404(s, sweep_id)
                 raise HTTPException(409, f"sweep {sweep_id} is {sw.status}: nothing to cancel")
-            sw.cancel_requested, sw.updated = True, time.time()  # its driver stops it
 
 
 def resume_sweep(db: Database, sweep_id: str) -> None:
-    """Queue an interrupted or failed sweep again; 409 for any other state."""
+    """Queue an interrupted or failed sweep again; 409 for any other state.
+
+    One conditional update (compare-and-set on the status): of N concurrent resumes
+    exactly one changes the row and logs the ``queued`` event; the others see 409.
+    """
+    if not _SWEEP_ID.fullmatch(sweep_id):
+        raise HTTPException(404, f"no sweep {sweep_id!r}")
     with db.session() as s:
-        sw = get_or_404(s, sweep_id)
-        if sw.status not in ("interrupted", "failed"):
+        res = s.execute(
+            update(Sweep)
+            .where(Sweep.id == sweep_id, Sweep.status.in_(RESUMABLE))
+            .values(
+                status="queued",
+                resume=True,
+                error=None,
+                ended=None,
+                cancel_requested=False,
+                updated=time.time(),
+            )
+        )
+        if res.rowcount != 1:
+            sw = get_or_404(s, sweep_id)
+            s.refresh(sw)
             raise HTTPException(
                 409,
                 f"sweep {sweep_id} is {sw.status}: only interrupted or failed sweeps resume",
             )
-    db.set_status(sweep_id, "queued", resume=True, error=None, ended=None, cancel_requested=False)
+        sw = s.get(Sweep, sweep_id)
+        s.refresh(sw)
+        db.add_event(s, sweep_id, "sweep", sweep_summary(s, sw))
 
 
 def events_after(db: Database, sweep_id: str, cursor: int) -> tuple[list[tuple], str]:

@@ -8,9 +8,10 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.requests import ClientDisconnect
 
 from api.db import db_error_text, db_unavailable
 
@@ -42,6 +43,14 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(DBAPIError, _db_error)  # OperationalError, InterfaceError, ...
     app.add_exception_handler(PoolTimeout, _pool_timeout)
+    app.add_exception_handler(ClientDisconnect, _gone)
+
+
+async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away mid-body: no one reads an answer, and it is no server error
+    (it logged a traceback): one debug line, and a 400 for the access log."""
+    log.debug("%s %s: client disconnected mid-body", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

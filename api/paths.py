@@ -9,7 +9,9 @@ from typing import Any
 from sweeper.sources import builtin_datasets, builtin_models, cache_dir
 from sweeper.spec import SweepSpec
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A hub id as the hub allows them: ``org/name``, each part led by a letter or digit, no
+# ``..``. Anything else that is not an alias is taken as a path and checked against the roots.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def _values(stored: dict[str, Any], field: str) -> list[tuple[str, Any]]:
@@ -50,6 +52,7 @@ def path_errors(spec: SweepSpec, roots: list[Path]) -> list[dict[str, str]]:
                     or field == "dataset"
                     or raw.exists()
                     or not _HUB_ID.match(value)
+                    or ".." in value
                 )
                 if not looks_like_path:
                     continue

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
         "<home>/sweeper.db. PostgreSQL: postgresql+psycopg://user@host/db.",
     )
     api_token: str | None = Field(
-        None, description="When set, every route but /healthz needs 'Authorization: Bearer …'."
+        None,
+        description="When set, every route but /healthz and the API description "
+        "(/openapi.json, /docs, /redoc) needs 'Authorization: Bearer …'.",
     )
     max_running_sweeps: int = Field(
         1, ge=1, description="Sweeps whose drivers run at once; later ones wait queued."

@@ -30,6 +30,30 @@ __all__ = ["SweepSpec", "format_spec_errors", "spec_errors"]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+# Bounds on a spec's numbers (docs/service.md, "Limits"): far past any real sweep, but short
+# of what overflowed a seed, a step counter or Ray's resource arithmetic (10^100 was taken).
+MAX_TRIALS = 100_000
+MAX_CONCURRENT = 1_000
+MAX_REPEATS = 100
+MAX_SEED = 2**31 - 1  # numpy's and torch's seeds, with room for repeats
+MAX_FAILURES = 100
+MAX_STEPS = 10_000_000
+MAX_TIME_BUDGET_S = 366 * 86_400.0
+MAX_CPU, MAX_GPU, MAX_MEMORY_GB = 1_024.0, 64.0, 16_384.0
+MAX_CHOICES = MAX_POINTS = 1_000
+# Trainer fields bounded here as well as by the trainer's own checks (which leave them open).
+TRAINER_BOUNDS = {
+    "max_steps": (1, MAX_STEPS),
+    "batch_size": (1, 1_000_000),
+    "eval_every": (1, MAX_STEPS),
+    "checkpoint_every": (0, MAX_STEPS),
+    "reg_schedule_steps": (0, MAX_STEPS),
+    "eval_examples": (1, 100_000_000),
+    "projector_hidden": (1, 1_000_000),
+    "seed": (0, MAX_SEED),
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 
 class FloatParam(BaseModel):
     """A float searched between ``low`` and ``high`` (log-uniform with ``log``)."""
@@ -70,7 +94,7 @@ class CategoricalParam(BaseModel):
 
     model_config = _STRICT
     type: Literal["categorical"]
-    choices: list[float | int | str | bool | None]
+    choices: list[float | int | str | bool | None] = Field(max_length=MAX_CHOICES)
 
     def distribution(self) -> od.BaseDistribution:
         return od.CategoricalDistribution(self.choices)
@@ -85,10 +109,11 @@ Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator=
 class Search(BaseModel):
     model_config = _STRICT
     sampler: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     space: dict[str, Param]
     points: list[dict[str, Any]] = Field(
         default_factory=list,
+        max_length=MAX_POINTS,
         description="Configurations tried first. Inside the space they warm-start the "
         "sampler; outside it (say λ = 0 beside a log range) they run as baselines that the "
         "sampler never sees.",
@@ -189,26 +214,34 @@ Objectives = Annotated[
 class Budget(BaseModel):
     model_config = _STRICT
     trials: int | None = Field(
-        16, ge=1, description="Configurations to try (each run `repeats` times); null: grid size."
+        16,
+        ge=1,
+        le=MAX_TRIALS,
+        description="Configurations to try (each run `repeats` times); null: grid size.",
     )
-    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
-    time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this.")
+    max_concurrent: int = Field(2, ge=1, le=MAX_CONCURRENT, description="Trials running at once.")
+    time_budget_s: float | None = Field(
+        None, gt=0, le=MAX_TIME_BUDGET_S, description="Stop starting trials after this."
+    )
 
 
 class EarlyStopping(BaseModel):
     model_config = _STRICT
     type: Literal["asha"] = "asha"
-    grace_period: int = Field(50, ge=1, description="Steps every trial runs before it can stop.")
-    reduction_factor: float = Field(2, gt=1)
+    grace_period: int = Field(
+        50, ge=1, le=MAX_STEPS, description="Steps every trial runs before it can stop."
+    )
+    reduction_factor: float = Field(2, gt=1, le=1_000)
 
 
 class Resources(BaseModel):
     model_config = _STRICT
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0, description="Per trial; fractions share a GPU.")
+    cpu: float = Field(1, gt=0, le=MAX_CPU)
+    gpu: float = Field(0, ge=0, le=MAX_GPU, description="Per trial; fractions share a GPU.")
     memory_gb: float | None = Field(
         None,
         gt=0,
+        le=MAX_MEMORY_GB,
         description=(
             "Per trial, optional: reserved from Ray's `memory` resource when trials are "
             "placed, and a cap on the trial's memory growth; a trial that needs more ends "
@@ -219,7 +252,9 @@ class Resources(BaseModel):
 
 class Failure(BaseModel):
     model_config = _STRICT
-    max_failures: int = Field(1, ge=0, description="Retries of a failing trial before FAILED.")
+    max_failures: int = Field(
+        1, ge=0, le=MAX_FAILURES, description="Retries of a failing trial before FAILED."
+    )
 
 
 class SweepSpec(BaseModel):
@@ -227,7 +262,13 @@ class SweepSpec(BaseModel):
 
     model_config = _STRICT
     name: str = Field(max_length=64, description="Lower-case letters, digits and '-'.")
-    experiment: str | None = Field(None, description="MLflow experiment; default: name.")
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=250,
+        description="MLflow experiment; default: name. At most 250 characters, no control "
+        "characters, no '/' or backslash, not '.' or '..'.",
+    )
     trainer: dict[str, Any] = Field(default_factory=dict)
     search: Search
     objective: Objectives = Field(
@@ -238,7 +279,9 @@ class SweepSpec(BaseModel):
         "configuration on the first.",
     )
     budget: Budget = Field(default_factory=Budget)
-    repeats: int = Field(1, ge=1, description="Seeds per configuration; objective = their mean.")
+    repeats: int = Field(
+        1, ge=1, le=MAX_REPEATS, description="Seeds per configuration; objective = their mean."
+    )
     early_stopping: EarlyStopping | None = None
     resources: Resources = Field(default_factory=Resources)
     failure: Failure = Field(default_factory=Failure)
@@ -250,10 +293,26 @@ class SweepSpec(BaseModel):
             raise ValueError(f"must be lower-case letters, digits and '-', but got {v!r}")
         return v
 
+    @field_validator("experiment")
+    @classmethod
+    def _check_experiment(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.strip() != v or not v:
+            raise ValueError("must not be empty nor start or end with white space")
+        if _CONTROL.search(v):
+            raise ValueError("must not hold control characters (NUL, newline, ...)")
+        if "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError(f"must not be a path ('/', a backslash, '.', '..'), but got {v!r}")
+        return v
+
     @field_validator("trainer")
     @classmethod
     def _check_trainer(cls, v: dict[str, Any]) -> dict[str, Any]:
         TrainerConfig.model_validate(v)  # unknown keys and bad values, with their path
+        bad = _out_of_bounds(v)
+        if bad:
+            raise ValueError(bad)
         return v
 
     @model_validator(mode="after")
@@ -274,6 +333,9 @@ class SweepSpec(BaseModel):
                     msg = e.errors()[0]["msg"]
                     err = f"search.space.{name}: {value!r} is not valid: {msg}"
                     raise ValueError(err) from None
+                bad = _out_of_bounds({name: value})
+                if bad:
+                    raise ValueError(f"search.space.{name}: {value!r} is not valid: {bad}")
         for i, point in enumerate(self.search.points):
             try:
                 TrainerConfig.model_validate(self.trainer | point)
@@ -281,6 +343,9 @@ class SweepSpec(BaseModel):
                 err = e.errors()[0]
                 where = ".".join(str(x) for x in err["loc"])
                 raise ValueError(f"search.points.{i}.{where}: {err['msg']}") from None
+            bad = _out_of_bounds(point)
+            if bad:
+                raise ValueError(f"search.points.{i}.{bad}")
         if isinstance(self.objective, list):
             if not self.objective:
                 raise ValueError("objective: name at least one metric")
@@ -336,6 +401,16 @@ class SweepSpec(BaseModel):
         fields = self.trainer | {k: v for k, v in params.items() if k in self.search.space}
         cfg = TrainerConfig.model_validate(fields)
         return cfg.model_copy(update={"seed": cfg.seed + repeat})
+
+
+def _out_of_bounds(values: dict[str, Any]) -> str | None:
+    """``"<field>: ..."`` for the first trainer value outside :data:`TRAINER_BOUNDS`."""
+    for name, (low, high) in TRAINER_BOUNDS.items():
+        value = values.get(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and not low <= value <= high:
+            return f"{name}: must be between {low:,} and {high:,}"
+    return None
 
 
 def _is_int_field(name: str) -> bool:

@@ -1,6 +1,8 @@
 """The one way from text to a :class:`SweepSpec`, for the CLI and the API alike: parse
-(YAML or JSON), refuse non-finite numbers, validate; every failure one :class:`SpecError`
-whose ``items`` are ``{path, msg, type}``, the path dotted from the spec's root."""
+(YAML or JSON), refuse what cannot be stored (non-finite numbers, text that is no UTF-8, a
+spec too large once YAML's aliases are expanded, lists or mappings too long), validate;
+every failure one :class:`SpecError` whose ``items`` are ``{path, msg, type}``, the path
+dotted from the spec's root."""
 
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def parse_spec(text: str, fmt: str = "yaml") -> SweepSpec:
     where = non_finite(data)
     if where is not None:
         raise _one(where, "must be a finite number", "finite_number")
+    problem = storable(data)
+    if problem is not None:
+        raise SpecError([problem])
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as e:
@@ -89,3 +94,83 @@ def non_finite(data: Any) -> str | None:
             items = value.items() if isinstance(value, dict) else enumerate(value)
             stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in reversed(list(items)))
     return None
+
+
+# What a spec may hold before it is validated (docs/service.md, "Limits"): its size as
+# JSON once YAML's aliases are expanded, any one list's or mapping's length, its nesting.
+MAX_SPEC_JSON_BYTES = 1_000_000
+MAX_ITEMS = 1_000
+MAX_DEPTH = 20
+MAX_INT_BITS = 13_000  # about 3,900 decimal digits, under Python's 4,300 for str()
+
+
+def storable(data: Any) -> dict[str, str] | None:
+    """The first reason ``data`` (parsed JSON/YAML) cannot be stored, as an error item.
+
+    No integer has over 4,000 digits; every string (keys too) encodes as UTF-8 (a JSON
+    ``"\\ud800"`` is a lone surrogate: stored, it made every later response that carried
+    it a 500); every list and mapping holds at most :data:`MAX_ITEMS`, nested at most
+    :data:`MAX_DEPTH` deep; and the spec's JSON, every YAML alias expanded, is at most
+    :data:`MAX_SPEC_JSON_BYTES` (an 18 KB body of 2,000 aliases of one 10 KB anchor
+    stored 20 MB). The size is summed per container once (memoised by identity), so an
+    alias bomb costs its text, not its expansion; a recursive alias is refused.
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(value: Any, where: str, depth: int) -> int:
+        if isinstance(value, str):
+            try:
+                return len(value.encode()) + 2
+            except UnicodeEncodeError:
+                raise _Bad(
+                    where,
+                    "is not valid text (a lone surrogate?): it must encode as UTF-8",
+                    "encoding",
+                ) from None
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            # YAML's 0x/0b forms escape Python's 4,300-digit limit (str() of them raised);
+            # smaller numbers meet each field's own bound in validation.
+            raise _Bad(where, "an integer of over 4,000 digits", "too_large_number")
+        if not isinstance(value, dict | list):
+            return len(str(value))
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise _Bad(where, "refers to itself (a recursive YAML alias)", "recursive")
+        if depth > MAX_DEPTH:
+            raise _Bad(where, f"nested more than {MAX_DEPTH} deep", "too_deep")
+        if len(value) > MAX_ITEMS:
+            kind = "items" if isinstance(value, list) else "keys"
+            raise _Bad(where, f"has {len(value)} {kind}; at most {MAX_ITEMS}", "too_long")
+        open_.add(key)
+        total = 2
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            at = f"{where}.{k}" if where else str(k)
+            if isinstance(value, dict):
+                total += size(k if isinstance(k, str) else str(k), at, depth) + 2
+            total += size(v, at, depth + 1) + 1
+            if total > MAX_SPEC_JSON_BYTES:
+                raise _Bad(
+                    "",
+                    f"the spec is over {MAX_SPEC_JSON_BYTES:,} bytes as JSON (YAML aliases "
+                    "expanded)",
+                    "too_large",
+                )
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(data, "", 0)
+    except _Bad as e:  # the path may hold the very key that cannot be encoded
+        path = e.path.encode("utf-8", "backslashreplace").decode()
+        return {"path": path, "msg": e.msg, "type": e.type}
+    return None
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, msg: str, type_: str):
+        self.path, self.msg, self.type = path, msg, type_

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from api import crud
@@ -46,14 +46,23 @@ async def events(
     after: Annotated[
         int, Query(ge=0, le=MAX_INT64, description="Replay events after this id.")
     ] = 0,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="last-event-id",
+            ge=0,
+            le=MAX_INT64,
+            description="The last event id seen (a reconnecting EventSource sends it); "
+            "wins over `after`.",
+        ),
+    ] = None,
 ):
     """The sweep's events from the start (or ``after``/Last-Event-ID), then live."""
     with db.session() as s:
         crud.get_or_404(s, sweep_id)
-    last = request.headers.get("last-event-id", "")
-    # isascii: str.isdigit() is also true of '²', which int() rejects.
-    cursor = int(last) if last.isascii() and last.isdigit() else after
-    cursor = min(cursor, MAX_INT64)
+    # Validated like ``after``: no integer, or one over 2^63 - 1 (4,300 digits made int()
+    # raise), is a 422 naming header.last-event-id.
+    cursor = after if last_event_id is None else last_event_id
     return EventSourceResponse(_stream(request, db, sweep_id, cursor), ping=15)
 
 

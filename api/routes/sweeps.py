@@ -8,12 +8,14 @@ from typing import Annotated, Literal
 import yaml
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from api import crud
 from api.deps import Authorized, DbDep, SchedulerDep, SettingsDep
 from api.paths import path_errors
 from api.schemas import INVALID_PARAMS, MAX_INT64, ErrorBody, SweepList, SweepOut, TrialList
 from api.submission import InvalidSpec, read_spec
+from sweeper.spec import SweepSpec
 from sweeper.states import STATES
 
 _EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
@@ -54,18 +56,25 @@ router = APIRouter(
 )
 async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
     """Validate and queue a sweep; its driver starts when a slot is free."""
+    body = await request.body()
+    ctype = request.headers.get("content-type", "application/json")
     try:
-        spec = read_spec(
-            await request.body(), request.headers.get("content-type", "application/json")
-        )
-        bad = path_errors(spec, settings.roots())
-        if bad:
-            raise InvalidSpec(bad)
+        # Parsing (pure-Python YAML), validation and the path check take up to seconds on
+        # a maximal body: in a worker thread, so the event loop (and /healthz) never waits.
+        spec = await run_in_threadpool(_checked_spec, body, ctype, settings.roots())
     except InvalidSpec as e:
         return JSONResponse({"detail": e.items}, status_code=422)
-    out = crud.create_sweep(db, spec, settings.mlflow_ui_url)
+    out = await run_in_threadpool(crud.create_sweep, db, spec, settings.mlflow_ui_url)
     scheduler.wake()
     return JSONResponse(out, status_code=201, headers={"Location": f"/sweeps/{out['id']}"})
+
+
+def _checked_spec(body: bytes, ctype: str, roots: list[Path]) -> SweepSpec:
+    spec = read_spec(body, ctype)
+    bad = path_errors(spec, roots)
+    if bad:
+        raise InvalidSpec(bad)
+    return spec
 
 
 @router.get("", response_model=SweepList)

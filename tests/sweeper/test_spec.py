@@ -430,3 +430,42 @@ def test_the_time_budget_counts_running_time_only_and_marks_its_end(tmp_path, mo
     free = driver.CancelStopper(str(tmp_path / "other" / "cancel"))
     clock[0] += 1e6
     assert not free.stop_all()
+
+
+# ---- hostile input (issue 17): the CLI reads through the same parse_spec as the API ----
+def test_the_cli_parser_refuses_what_the_service_cannot_store(tmp_path, tiny_spec):
+    import json
+
+    from sweeper.spec_parse import SpecError, load_spec
+
+    spec = tiny_spec()
+    cases = {
+        "surrogate.json": (json.dumps(spec)[:-1] + ', "experiment": "a\\ud800b"}', "encoding"),
+        "bomb.yaml": (
+            yaml.safe_dump(spec)
+            + f"note: &a {'x' * 10_000}\nmore:\n"
+            + "".join(f"- [{', '.join(['*a'] * 500)}]\n" for _ in range(4)),
+            "too_large",
+        ),
+        "loop.yaml": (yaml.safe_dump(spec) + "x: &a [*a]\n", "recursive"),
+    }
+    for name, (text, type_) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SpecError) as e:
+            load_spec(tmp_path / name)
+        assert [i["type"] for i in e.value.items] == [type_], name
+
+
+@pytest.mark.parametrize(
+    "sections, path",
+    [
+        ({"budget": {"trials": 10**6}}, "budget.trials"),
+        ({"repeats": 1000}, "repeats"),
+        ({"trainer": {"max_steps": 10**8}}, "trainer.max_steps"),
+        ({"experiment": "a/b"}, "experiment"),
+    ],
+)
+def test_spec_bounds_name_their_field(tiny_spec, sections, path):
+    with pytest.raises(ValidationError) as e:
+        SweepSpec.model_validate(tiny_spec(**sections))
+    assert format_spec_errors(e.value)[0].startswith(f"{path}: ")
