@@ -122,12 +122,14 @@ class TrainerConfig(BaseModel):
         "(val/accuracy_by_question/<q>, val/loss_lm_by_question/<q>) say how well the "
         "projector kept what the LM needs later.",
     )
-    prompt_layout: Literal["image_first", "question_first"] = Field(
-        "image_first",
-        description="'image_first': image tokens, then the question, then the answer, as "
-        "LLaVA and the note lay it out. 'question_first': the question first (its KV cache "
-        "computed once per question, so faster), then the image tokens: the LM reads the "
-        "image already knowing the question, a query-conditioned reading. Both compute "
+    prompt_layout: Literal["question_first", "image_first"] = Field(
+        "question_first",
+        description="'question_first': the question first (its KV cache computed once per "
+        "question), then the image tokens and the answer: the LM reads the image already "
+        "knowing the question (a query-conditioned reading), and learns fast. "
+        "'image_first': a fixed prefix, the image tokens, then the question and answer, as "
+        "LLaVA and the note lay it out: the faithful layout for the note's question, about "
+        "6x slower per step on CPU and much slower to learn (docs/trainer.md). Both compute "
         "logits only at the answer (lm_path 'fast').",
     )
     recon_head: Literal["linear", "mlp"] = Field(

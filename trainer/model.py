@@ -15,8 +15,10 @@ from trainer.sources import SourceError, resolve_model
 # question; what changes per example (image tokens, answer) comes last, so each item costs
 # only k + len(answer) positions, but the LM reads the image already knowing the question.
 FAST_PREFIX = "Question: {question}\nAnswer: "
-# image_first (LLaVA's, the note's): image tokens first, then the whole text. Nothing
-# precedes the image, so there is no prefix to cache; the fast path saves the logits.
+# image_first (LLaVA's, the note's): a fixed text prefix (LLaVA's system prompt, in
+# short), the image tokens, then the question and answer. The prefix is the same for
+# every example, so its KV cache is computed once.
+IMAGE_PREFIX = "Image:"
 REFERENCE_TEXT = "\nQuestion: {question}\nAnswer: "
 
 
@@ -271,55 +273,59 @@ class PromptCache:
         # The prompt ends in a space, so answers are tokenised bare ("3", not " 3").
         return [*self.tok(answer, add_special_tokens=False).input_ids, self.tok.eos_token_id]
 
-    def prefix_kv(self, question: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prefix's keys/values per layer, batch 1; computed once per question."""
-        if question not in self._kv:
+    def prefix_kv(self, text: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A text prefix's keys/values per layer, batch 1; computed once per text."""
+        if text not in self._kv:
             from transformers import DynamicCache
 
-            ids = self.ids(FAST_PREFIX.format(question=question))[None]
+            ids = self.ids(text)[None]
             cache = DynamicCache(config=self.lm.config)
             with torch.no_grad():
                 self.lm.get_decoder()(input_ids=ids, use_cache=True, **_cache_kw(self.lm, cache))
-            self._kv[question] = [(k, v) for k, v, *_ in cache]
-        return self._kv[question]
+            self._kv[text] = [(k, v) for k, v, *_ in cache]
+        return self._kv[text]
+
+
+def _after_prefix(lm, prompts: PromptCache, prefix: str, x: torch.Tensor, a: int) -> torch.Tensor:
+    """Logits at the last ``a`` positions of ``x`` (embeddings), run after the cached
+    ``prefix`` (its KV expanded to the batch, not copied)."""
+    from transformers import DynamicCache
+
+    b = x.shape[0]
+    kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prompts.prefix_kv(prefix)]
+    cache = DynamicCache(ddp_cache_data=kv, config=lm.config)
+    decoder = lm.get_decoder()
+    hidden = decoder(inputs_embeds=x, use_cache=True, **_cache_kw(lm, cache)).last_hidden_state
+    return lm.get_output_embeddings()(hidden[:, -a:])
 
 
 def answer_logits_fast(
     lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Logits at the answer positions only, ``[B, A, V]``, with the question's KV cached.
+    """question_first: logits at the answer positions only, ``[B, A, V]``, with the
+    question's KV cached.
 
     Sequence after the cached prefix: image tokens, then the answer tokens but the last.
     """
-    from transformers import DynamicCache
-
-    b = tokens.shape[0]
     answer_in = prompts.embed(batch.answer_ids[:, :-1])
     x = torch.cat([tokens.to(answer_in.dtype), answer_in], dim=1)
-    kv = [
-        (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-        for k, v in prompts.prefix_kv(batch.question)
-    ]
-    cache = DynamicCache(ddp_cache_data=kv, config=lm.config)
-    decoder = lm.get_decoder()
-    hidden = decoder(inputs_embeds=x, use_cache=True, **_cache_kw(lm, cache)).last_hidden_state
-    a = batch.answer_ids.shape[1]
-    return lm.get_output_embeddings()(hidden[:, -a:])
+    prefix = FAST_PREFIX.format(question=batch.question)
+    return _after_prefix(lm, prompts, prefix, x, batch.answer_ids.shape[1])
 
 
 def answer_logits_image_first(
     lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Image tokens first, then the question and answer (the reference layout), with
-    logits only at the answer positions, ``[B, A, V]``: the same numbers as
-    :func:`answer_logits_reference` there, without the full-vocabulary projection of
-    every other position."""
-    hidden = lm.get_decoder()(inputs_embeds=_image_first_inputs(prompts, batch, tokens))
-    a = batch.answer_ids.shape[1]
-    return lm.get_output_embeddings()(hidden.last_hidden_state[:, -a:])
+    """image_first: after the cached fixed prefix, the image tokens, the question and the
+    answer (the reference layout), with logits only at the answer positions, ``[B, A, V]``:
+    the same numbers as :func:`answer_logits_reference` there, without the prefix's
+    recomputation and the full-vocabulary projection of every other position."""
+    x = _image_first_inputs(prompts, batch, tokens)
+    return _after_prefix(lm, prompts, IMAGE_PREFIX, x, batch.answer_ids.shape[1])
 
 
 def _image_first_inputs(prompts: PromptCache, batch: Batch, tokens: torch.Tensor):
+    """Image tokens, question, answer (but its last token): what follows the prefix."""
     b = tokens.shape[0]
     text = prompts.embed(prompts.ids(REFERENCE_TEXT.format(question=batch.question)))
     answer_in = prompts.embed(batch.answer_ids[:, :-1])
@@ -329,8 +335,11 @@ def _image_first_inputs(prompts: PromptCache, batch: Batch, tokens: torch.Tensor
 def answer_logits_reference(
     lm, prompts: PromptCache, batch: Batch, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Plain path: image tokens first, the whole text, logits at every position."""
-    x = _image_first_inputs(prompts, batch, tokens)
+    """Plain path, image first: the prefix, image tokens and whole text in one forward,
+    logits at every position."""
+    after = _image_first_inputs(prompts, batch, tokens)
+    prefix = prompts.embed(prompts.ids(IMAGE_PREFIX))[None].expand(after.shape[0], -1, -1)
+    x = torch.cat([prefix.to(after.dtype), after], dim=1)
     logits = lm(
         inputs_embeds=x, use_cache=False
     ).logits  # [B, T, V]: the full vocabulary everywhere

@@ -84,7 +84,14 @@ def test_the_probe_has_its_ceiling_chance_and_retained_fraction(tiny_cfg, factor
 
 
 def test_grad_cos_matches_gradients_computed_by_hand(tiny_cfg, tiny_dataset):
-    cfg = tiny_cfg(max_steps=1, eval_every=1, eval_at_start=False, reg_constant=0.7, seed=5)
+    cfg = tiny_cfg(
+        max_steps=1,
+        eval_every=1,
+        eval_at_start=False,
+        reg_constant=0.7,
+        seed=5,
+        prompt_layout="image_first",
+    )
     seen = {}
     train(cfg, lambda s, m: seen.update(m))
 
