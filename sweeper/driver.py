@@ -63,8 +63,25 @@ def prepare_sources(spec: SweepSpec) -> None:
         resolve_model(m)
     for d in datasets:
         data = load_dataset(d)
+        _check_questions(d, data, base)
         for metric in (o.metric for o in spec.objectives):
             _check_objective(metric, d, data, base)
+
+
+def _check_questions(d: str, data, base: TrainerConfig) -> None:
+    """Held-out and delayed questions are the dataset's: a typo fails the sweep at once,
+    not every trial."""
+    known = set(data.questions())
+    for field, asked in (
+        ("probe_questions", base.probe_questions),
+        ("delayed_questions", list(base.delayed_questions)),
+    ):
+        for q in asked:
+            if q not in known:
+                raise ValueError(
+                    f"trainer.{field}: {q!r} is not a question of dataset {d!r}; it has "
+                    + ", ".join(repr(x) for x in sorted(known))
+                )
 
 
 def _check_objective(metric: str, d: str, data, base: TrainerConfig) -> None:

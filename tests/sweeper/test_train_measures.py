@@ -59,3 +59,20 @@ def test_train_logs_the_probe_scale_and_grad_cos_on_a_user_folder(tmp_path):
     assert sorted(hist["val/probe_ceiling"]) == [0, 6, 12]
     assert all(v == pytest.approx(ceiling) for v in hist["val/probe_ceiling"].values())
     assert r.data.params["probe_questions"] == TINT
+
+
+@pytest.mark.parametrize("field", ["probe_questions", "delayed_questions"])
+def test_a_sweep_refuses_a_question_its_dataset_lacks_before_any_trial(tiny_dataset, field):
+    from sweeper.driver import prepare_sources
+    from sweeper.spec import SweepSpec
+
+    value = ["Is it a cat?"] if field == "probe_questions" else {"Is it a cat?": 5}
+    spec = SweepSpec.model_validate(
+        {
+            "name": "typo",
+            "trainer": {"model": "tiny-llama", "dataset": tiny_dataset, field: value},
+            "search": {"space": {"reg_constant": {"type": "float", "low": 0.1, "high": 1.0}}},
+        }
+    )
+    with pytest.raises(ValueError, match=rf"trainer\.{field}: 'Is it a cat\?' is not a question"):
+        prepare_sources(spec)
