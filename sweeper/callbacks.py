@@ -248,7 +248,8 @@ class MlflowTrialLogger(tune.Callback):
         if tid not in self._opened:
             self._open(trial)
         ts, step = int(time.time() * 1000), int(result.get("step", 0))
-        done = max(self._queued.get(tid, 0), self.logged.get(tid, 0))
+        # -1: nothing logged yet, so the step-0 evaluation (the untrained floor) is logged
+        done = max(self._queued.get(tid, -1), self.logged.get(tid, -1))
         points = [
             (k, float(v), ts, s)
             for s, metrics in result.get("history", [])

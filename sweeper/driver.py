@@ -114,7 +114,7 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # ...so the result grid finds no result files: that is expected, not worth a warning.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # num_to_keep=1 snapshots the experiment at each checkpoint; that is the point here.
+    # num_to_keep snapshots the experiment at each checkpoint; that is the point here.
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     # The CLI draws its own trial table: Tune's reporter (its config box) stays quiet.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -304,7 +304,11 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
             callbacks=[logger, StateWriter(str(rec.path), spec, logger)],
             stop=CancelStopper(str(rec.cancel_file), spec.budget.time_budget_s),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # Two, not one: a driver killed after a trial's newest checkpoint replaced its
+            # previous one, but before the experiment state recorded it, restored a state
+            # naming the deleted checkpoint, and the trial failed for good ("Could not
+            # recover from checkpoint as it does not exist on storage"; seen in CI).
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             verbose=0,
         ),
     )

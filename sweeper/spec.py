@@ -49,7 +49,7 @@ TRAINER_BOUNDS = {
     "checkpoint_every": (0, MAX_STEPS),
     "reg_schedule_steps": (0, MAX_STEPS),
     "eval_examples": (1, 100_000_000),
-    "projector_hidden": (1, 1_000_000),
+    "projector_hidden": (1, 2**24),  # the OOM fault test asks for 2M on purpose
     "seed": (0, MAX_SEED),
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

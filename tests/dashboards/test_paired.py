@@ -120,3 +120,62 @@ def test_a_configuration_missing_seeds_pairs_only_the_shared_ones():
     (row,) = baseline_rows(data, ["val/accuracy"])
     assert row["diff"].n == 1 and row["diff"].seeds == (1,)
     assert row["diff"].mean == pytest.approx(0.1) and row["diff"].verdict() == "too few seeds"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_real_sweep_with_repeats_reports_retained_information_paired_by_seed(
+    sweep_env, tiny_spec, tmp_path
+):
+    """Issue 16's "done when": a sweep with repeats on a dataset with an independent factor
+    held out gives a report whose comparisons are paired and which shows what was kept."""
+    from mlflow import MlflowClient
+
+    from dashboards.paired import baseline_rows
+    from sweeper.driver import run_sweep
+    from sweeper.reports import load_sweep, write_report
+    from sweeper.spec import SweepSpec
+    from sweeper.store import SweepRecord
+    from tests.trainer.test_measures import TINT, make_factor_dataset
+
+    folder = make_factor_dataset(tmp_path / "factors")
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            trainer={
+                "model": "tiny-llama",
+                "dataset": str(folder),
+                "max_steps": 12,
+                "eval_every": 6,
+                "batch_size": 16,
+                "lr": 0.01,
+                "device": "cpu",
+                "probe_questions": [TINT],
+            },
+            search={
+                "sampler": "grid",
+                "space": {"reg_constant": {"type": "categorical", "choices": [0.0, 1.0]}},
+            },
+            budget={"trials": 2, "max_concurrent": 2},
+            repeats=2,
+        )
+    )
+    rec = SweepRecord.create(spec)
+    state = run_sweep(rec)
+    assert state["status"] == "succeeded"
+
+    data = load_sweep(rec.id, sweep_env)
+    assert sorted(t.seed for t in data.trials) == [0, 0, 1, 1]
+    client = MlflowClient(sweep_env)
+    steps = [m.step for m in client.get_metric_history(data.trials[0].run_id, "val/probe_ceiling")]
+    assert steps == [0, 6, 12]  # the floor (step 0) is on record beside the ceiling
+    rows = {r["key"]: r for r in baseline_rows(data, ["val/accuracy", "val/probe_retained"])}
+    assert set(rows) == {"val/accuracy", "val/probe_retained"}
+    for r in rows.values():
+        assert r["lam"] == 1.0 and r["diff"].n == 2 and r["diff"].seeds == (0, 1)
+        by_seed = {t.seed: t for t in data.trials if t.reg_constant == 1.0}
+        base = {t.seed: t for t in data.trials if t.reg_constant == 0.0}
+        want = [by_seed[s].metrics[r["key"]] - base[s].metrics[r["key"]] for s in (0, 1)]
+        assert r["diff"].mean == pytest.approx(sum(want) / 2)
+
+    page = write_report(rec.id, tmp_path / "out", sweep_env).read_text()
+    assert "Against λ = 0, paired by seed" in page
+    assert (tmp_path / "out" / "probe_retained.png").is_file()
