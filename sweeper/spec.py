@@ -19,6 +19,21 @@ from pydantic import (
 )
 
 from sweeper.samplers import build_sampler, check_sampler_options
+from sweeper.spec_bounds import (
+    MAX_CHOICES,
+    MAX_CONCURRENT,
+    MAX_CPU,
+    MAX_FAILURES,
+    MAX_GPU,
+    MAX_MEMORY_GB,
+    MAX_POINTS,
+    MAX_REPEATS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TIME_BUDGET_S,
+    MAX_TRIALS,
+    out_of_bounds,
+)
 from sweeper.spec_errors import format_spec_errors, spec_errors
 from trainer.config import TrainerConfig
 
@@ -30,28 +45,6 @@ __all__ = ["SweepSpec", "format_spec_errors", "spec_errors"]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-# Bounds on a spec's numbers (docs/service.md, "Limits"): far past any real sweep, but short
-# of what overflowed a seed, a step counter or Ray's resource arithmetic (10^100 was taken).
-MAX_TRIALS = 100_000
-MAX_CONCURRENT = 1_000
-MAX_REPEATS = 100
-MAX_SEED = 2**31 - 1  # numpy's and torch's seeds, with room for repeats
-MAX_FAILURES = 100
-MAX_STEPS = 10_000_000
-MAX_TIME_BUDGET_S = 366 * 86_400.0
-MAX_CPU, MAX_GPU, MAX_MEMORY_GB = 1_024.0, 64.0, 16_384.0
-MAX_CHOICES = MAX_POINTS = 1_000
-# Trainer fields bounded here as well as by the trainer's own checks (which leave them open).
-TRAINER_BOUNDS = {
-    "max_steps": (1, MAX_STEPS),
-    "batch_size": (1, 1_000_000),
-    "eval_every": (1, MAX_STEPS),
-    "checkpoint_every": (0, MAX_STEPS),
-    "reg_schedule_steps": (0, MAX_STEPS),
-    "eval_examples": (1, 100_000_000),
-    "projector_hidden": (1, 2**24),  # the OOM fault test asks for 2M on purpose
-    "seed": (0, MAX_SEED),
-}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -310,7 +303,7 @@ class SweepSpec(BaseModel):
     @classmethod
     def _check_trainer(cls, v: dict[str, Any]) -> dict[str, Any]:
         TrainerConfig.model_validate(v)  # unknown keys and bad values, with their path
-        bad = _out_of_bounds(v)
+        bad = out_of_bounds(v)
         if bad:
             raise ValueError(bad)
         return v
@@ -333,7 +326,7 @@ class SweepSpec(BaseModel):
                     msg = e.errors()[0]["msg"]
                     err = f"search.space.{name}: {value!r} is not valid: {msg}"
                     raise ValueError(err) from None
-                bad = _out_of_bounds({name: value})
+                bad = out_of_bounds({name: value})
                 if bad:
                     raise ValueError(f"search.space.{name}: {value!r} is not valid: {bad}")
         for i, point in enumerate(self.search.points):
@@ -343,7 +336,7 @@ class SweepSpec(BaseModel):
                 err = e.errors()[0]
                 where = ".".join(str(x) for x in err["loc"])
                 raise ValueError(f"search.points.{i}.{where}: {err['msg']}") from None
-            bad = _out_of_bounds(point)
+            bad = out_of_bounds(point)
             if bad:
                 raise ValueError(f"search.points.{i}.{bad}")
         if isinstance(self.objective, list):
@@ -401,16 +394,6 @@ class SweepSpec(BaseModel):
         fields = self.trainer | {k: v for k, v in params.items() if k in self.search.space}
         cfg = TrainerConfig.model_validate(fields)
         return cfg.model_copy(update={"seed": cfg.seed + repeat})
-
-
-def _out_of_bounds(values: dict[str, Any]) -> str | None:
-    """``"<field>: ..."`` for the first trainer value outside :data:`TRAINER_BOUNDS`."""
-    for name, (low, high) in TRAINER_BOUNDS.items():
-        value = values.get(name)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and not low <= value <= high:
-            return f"{name}: must be between {low:,} and {high:,}"
-    return None
 
 
 def _is_int_field(name: str) -> bool:
