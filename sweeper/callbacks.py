@@ -13,8 +13,9 @@ from ray.tune.experiment import Trial
 from sweeper.mlflow_retry import _LOG, WRITES, mlflow_retry_s
 from sweeper.mlflow_runs import SweepParentRun, mlflow_uri
 from sweeper.mlflow_writer import RunWriter
+from sweeper.ranking import best_configuration
 from sweeper.spec import SweepSpec
-from sweeper.states import TRIAL_UNFINISHED
+from sweeper.states import TRIAL_COUNTED, TRIAL_UNFINISHED
 from sweeper.store import SweepRecord, home
 from sweeper.trials import END_STATUS, TrialRow, error_text, stopped_by, trial_config
 from trainer.config import flatten_config
@@ -80,6 +81,10 @@ class StateWriter(tune.Callback):
         row["metrics"] = (old.get("metrics") or {}) | (row.get("metrics") or {})
         row["error"] = error
         state["trials"][trial.trial_id] = row
+        if row["status"] in TRIAL_COUNTED and old.get("status") != row["status"]:
+            # The best so far, as each trial ends: a driver killed before the sweep's end
+            # leaves it on record (the service's `interrupted` event carries it).
+            state["best"] = best_configuration(self.spec, state["trials"])
         state["updated"] = time.time()
         rec.write(state)
         self._last_write = now

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 import traceback
+from functools import partial
 from typing import Any
 
 import ray
@@ -13,6 +14,7 @@ from ray import tune
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 from ray.tune.schedulers import ASHAScheduler
 
+from sweeper.asha import ResumableASHA
 from sweeper.callbacks import MlflowTrialLogger, StateWriter
 from sweeper.mlflow_retry import WRITES, limit_mlflow_http_retries, mlflow_retry_s, with_retries
 from sweeper.mlflow_runs import SweepParentRun
@@ -272,11 +274,13 @@ def _longest(spec: SweepSpec) -> int:
     return max(steps)
 
 
-def make_scheduler(spec: SweepSpec) -> ASHAScheduler | None:
-    """ASHA over trainer steps when the spec asks for early stopping; None otherwise."""
+def make_scheduler(spec: SweepSpec, sweep_dir: str | None = None) -> ASHAScheduler | None:
+    """ASHA over trainer steps when the spec asks for early stopping; None otherwise.
+    With ``sweep_dir`` its rungs and stops are kept there, so a resume keeps them."""
     if spec.early_stopping is None:
         return None
-    return ASHAScheduler(
+    kind = ASHAScheduler if sweep_dir is None else partial(ResumableASHA, sweep_dir)
+    return kind(
         time_attr="step",
         max_t=_longest(spec),
         grace_period=spec.early_stopping.grace_period,
@@ -292,7 +296,7 @@ def _new_tuner(spec: SweepSpec, rec: SweepRecord, trainable, parent: SweepParent
             metric=spec.primary.metric,
             mode=spec.primary.mode,
             search_alg=make_searcher(spec),
-            scheduler=make_scheduler(spec),
+            scheduler=make_scheduler(spec, str(rec.path)),
             num_samples=(spec.budget.trials or 1) * spec.repeats,
             max_concurrent_trials=spec.budget.max_concurrent,
             reuse_actors=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -47,6 +48,19 @@ def ran_to_the_end(spec: SweepSpec, trial: Trial) -> bool:
     return (trial.last_result or {}).get("step") == max_steps
 
 
+def scheduler_file(sweep_dir: str | os.PathLike) -> Path:
+    """Where the sweep's ASHA keeps its rungs and stops (sweeper.asha.ResumableASHA)."""
+    return Path(sweep_dir) / "scheduler.json"
+
+
+def stopped_by_scheduler(sweep_dir: str | os.PathLike) -> set[str]:
+    """The trials the sweep's ASHA stopped (empty without ASHA or before its first stop)."""
+    try:
+        return set(json.loads(scheduler_file(sweep_dir).read_text()).get("stopped", []))
+    except (OSError, ValueError):
+        return set()
+
+
 def budget_file(cancel_file: str | os.PathLike) -> Path:
     """The mark the sweep's stopper leaves beside its cancel file once the time budget ran out."""
     return Path(cancel_file).with_name("budget_spent")
@@ -60,6 +74,8 @@ def stopped_by(spec: SweepSpec, trial: Trial, cancel_file: str | os.PathLike, at
     continues it)."""
     if ran_to_the_end(spec, trial):
         return "max_steps"
+    if trial.trial_id in stopped_by_scheduler(Path(cancel_file).parent):
+        return "scheduler"  # stopped at a rung, though the kill came before its end
     if os.path.exists(cancel_file):
         return "cancel"
     if not at_end:

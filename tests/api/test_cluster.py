@@ -20,6 +20,11 @@ from mlflow import MlflowClient
 from tests.api.cluster import TOKEN_ENV, MlflowServer, RayCluster
 
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+# The tiny model trains at ~65 steps/s on one core: 400 steps took 6 s in CI, and the
+# node-loss test's poll (0.5 s; the state file is written at most once a second) missed
+# the window in which a node_b trial was running past a checkpoint. Long enough to see.
+STEPS = 500
+LONG = 2000
 
 
 @pytest.fixture
@@ -55,9 +60,10 @@ def test_trials_run_on_both_nodes_and_land_in_the_mlflow_server(
 ):
     ray, mlflow = cluster
     svc = _service(service, pg_url, ray, mlflow)
-    # Trials long enough (~5 s each) that the second node's worker is up before they end.
+    # Trials long enough (~8 s each at ~65 steps/s on the tiny model) that the second
+    # node's worker is up before they end.
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(yaml.safe_dump(api_spec(name="cluster", trials=4, max_steps=200)))
+    spec.write_text(yaml.safe_dump(api_spec(name="cluster", trials=4, max_steps=STEPS)))
     # The README's "Run on a cluster" submit step, against this stack.
     out = subprocess.run(
         [sys.executable, "-m", "sweeper", "submit", str(spec), "--server", svc.url, "--watch"],
@@ -84,7 +90,7 @@ def test_trials_run_on_both_nodes_and_land_in_the_mlflow_server(
     assert {r.info.run_id for r in runs} == {t["mlflow_run_id"] for t in trials}
     assert {r.info.status for r in runs} == {"FINISHED"}
     for r in runs:
-        assert len(client.get_metric_history(r.info.run_id, "train/loss_lm")) == 200
+        assert len(client.get_metric_history(r.info.run_id, "train/loss_lm")) == STEPS
     assert (
         done["mlflow"]["ui_url"].startswith(mlflow.url)
         and done["mlflow"]["tracking_uri"] == mlflow.url
@@ -97,7 +103,7 @@ def test_a_killed_worker_node_s_trials_retry_on_the_head_from_their_checkpoint(
 ):
     ray, mlflow = cluster
     svc = _service(service, sqlite_url, ray, mlflow)
-    spec = api_spec(name="nodeloss", trials=4, max_steps=400)
+    spec = api_spec(name="nodeloss", trials=4, max_steps=LONG)
     spec["trainer"]["eval_every"] = 50  # a checkpoint every 50 steps
     spec["failure"] = {"max_failures": 2}
     sw = svc.submit(spec)
@@ -125,16 +131,16 @@ def test_a_killed_worker_node_s_trials_retry_on_the_head_from_their_checkpoint(
     row = _state(svc, sw["id"])["trials"][victim["id"]]
     # It resumed from a checkpoint (an eval step; the row's step may lag the trial's), not
     # from step 0.
-    assert row["resumed_from_step"] % 50 == 0 and 50 <= row["resumed_from_step"] < 400, row
+    assert row["resumed_from_step"] % 50 == 0 and 50 <= row["resumed_from_step"] < LONG, row
     run = MlflowClient(mlflow.url).get_run(after["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags.get("retried") == "1"
     steps = [
         m.step
         for m in MlflowClient(mlflow.url).get_metric_history(run.info.run_id, "train/loss_lm")
     ]
-    assert sorted(steps) == list(range(1, 401))  # every step once: none lost, none twice
+    assert sorted(steps) == list(range(1, LONG + 1))  # every step once: none lost, none twice
     print(
         f"worker node killed: trial {victim['id']} at step {killed_at} on node_b; "
         f"retried once, resumed on head from step {row['resumed_from_step']}; "
-        f"sweep {done['status']} {recovered_s:.0f} s after the kill; 400/400 points"
+        f"sweep {done['status']} {recovered_s:.0f} s after the kill; {LONG}/{LONG} points"
     )
