@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+import anyio
 import yaml
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -20,6 +21,12 @@ from sweeper.states import STATES
 
 _EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 EXAMPLE_SPEC = yaml.safe_load(_EXAMPLE.read_text()) if _EXAMPLE.is_file() else {}
+
+# Validation holds the GIL: more threads at it only share one core. At most PARSES at a
+# time in their own limiter (so they never take the threads the sync routes run in), at
+# most PARSES_WAITING queued behind them; beyond that a submit is told to come back.
+PARSES, PARSES_WAITING = 2, 16
+
 
 router = APIRouter(
     prefix="/sweeps", tags=["sweeps"], dependencies=[Authorized], responses=INVALID_PARAMS
@@ -35,6 +42,11 @@ router = APIRouter(
         422: {
             "model": ErrorBody,
             "description": "Invalid spec; each error has the field path.",
+        },
+        503: {
+            "model": ErrorBody,
+            "description": f"Over {PARSES_WAITING} specs already wait to be validated "
+            "(or the database is unreachable); Retry-After says when to try again.",
         },
     },
     openapi_extra={
@@ -61,12 +73,26 @@ async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: 
     try:
         # Parsing (pure-Python YAML), validation and the path check take up to seconds on
         # a maximal body: in a worker thread, so the event loop (and /healthz) never waits.
-        spec = await run_in_threadpool(_checked_spec, body, ctype, settings.roots())
+        spec = await _validate(request, body, ctype, settings.roots())
     except InvalidSpec as e:
         return JSONResponse({"detail": e.items}, status_code=422)
     out = await run_in_threadpool(crud.create_sweep, db, spec, settings.mlflow_ui_url)
     scheduler.wake()
     return JSONResponse(out, status_code=201, headers={"Location": f"/sweeps/{out['id']}"})
+
+
+async def _validate(request: Request, body: bytes, ctype: str, roots: list[Path]) -> SweepSpec:
+    state = request.app.state
+    limiter = getattr(state, "parse_limiter", None)
+    if limiter is None:  # made in the event loop, on first use
+        limiter = state.parse_limiter = anyio.CapacityLimiter(PARSES)
+    if limiter.statistics().tasks_waiting >= PARSES_WAITING:
+        raise HTTPException(
+            503,
+            f"{PARSES_WAITING} specs already wait to be validated; try again shortly",
+            headers={"Retry-After": "5"},
+        )
+    return await anyio.to_thread.run_sync(_checked_spec, body, ctype, roots, limiter=limiter)
 
 
 def _checked_spec(body: bytes, ctype: str, roots: list[Path]) -> SweepSpec:

@@ -350,3 +350,34 @@ def test_a_client_that_disconnects_mid_body_logs_no_traceback(tmp_path, caplog):
         asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 400
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_concurrent_slow_submits_are_bounded_and_leave_the_other_routes_alone(lite):
+    """30 slow bodies at once: 2 are validated at a time in their own threads, 16 wait,
+    the rest get a 503 with Retry-After at once; a sync route (GET /sweeps) keeps answering."""
+    from api.routes.sweeps import PARSES, PARSES_WAITING
+
+    row = "[" + ", ".join(["1"] * 999) + "]"
+    body = "name: t\nnote: [\n  " + ",\n  ".join([row] * 40) + "\n]\n"
+    n = 30
+
+    def post(_):
+        r = lite.post("/sweeps", content=body, headers=YAML)
+        return r.status_code, r.headers.get("retry-after")
+
+    worst = 0.0
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(post, i) for i in range(n)]
+        time.sleep(0.3)
+        while not all(f.done() for f in futures):
+            t0 = time.monotonic()
+            assert lite.get("/sweeps").status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        answers = [f.result() for f in futures]
+    codes = [c for c, _ in answers]
+    assert set(codes) <= {422, 503}, codes
+    refused = [ra for c, ra in answers if c == 503]
+    assert 1 <= len(refused) <= n - PARSES - PARSES_WAITING + 2, codes  # a few may finish early
+    assert all(ra == "5" for ra in refused)
+    assert worst < 1.0, f"GET /sweeps took {worst:.2f} s behind the submits"
