@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from dashboards.answers import answer_rows, answers_table, fig_paired
 from dashboards.data import ReadSpec, SweepData, load_sweep
 from dashboards.figures import (
     CURVE_KEYS,
@@ -86,6 +87,19 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
             f'<img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"></figure>'
         )
     sections += _answer_tables(data)
+    rows = answer_rows(data)
+    if rows:
+        (out / "answers.json").write_text(json.dumps(rows, indent=1))
+        fig, n = fig_paired(rows)
+        if n:
+            png = _png(fig)
+            (out / "paired_differences.png").write_bytes(png)
+            b64 = base64.b64encode(png).decode()
+            sections.append(
+                '<h2>Paired differences</h2><figure id="paired_differences">'
+                f'<img alt="paired differences" src="data:image/png;base64,{b64}"></figure>'
+            )
+        sections.append(answers_table(rows))
     head, rows = _trial_rows(data, mlflow_ui_url)
     failed = [t for t in data.trials if t.status == "FAILED"]
     failed_html = ""

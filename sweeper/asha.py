@@ -9,7 +9,7 @@ stopped just before a kill is resumed as if it had never been judged.
 ``scheduler.json`` in the sweep folder after every decision (before Tune's own snapshot,
 which follows the result), and reads them back when Tune unpickles it on restore. A trial
 restored from a checkpoint behind a rung it already passed replays results the rungs hold:
-ASHA continues it as before; one it stopped is stopped again at its first result.
+ASHA continues it as before; one it stopped at a rung is stopped again at that step.
 """
 
 from __future__ import annotations
@@ -30,23 +30,26 @@ class ResumableASHA(ASHAScheduler):
     def __init__(self, sweep_dir: str | os.PathLike, **kwargs: Any):
         super().__init__(**kwargs)
         self.sweep_dir = str(sweep_dir)
-        self.stopped: set[str] = set()
+        self.stopped: dict[str, int] = {}  # trial -> the step ASHA stopped it at (a rung)
         # A new experiment (a first run, or a resume with no Tune state to restore): what
         # an earlier one decided is about trials that no longer exist.
         scheduler_file(sweep_dir).unlink(missing_ok=True)
 
     # --- Tune's hooks ----------------------------------------------------------------
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if trial.trial_id in self.stopped and self._time_attr in result:
-            return TrialScheduler.STOP  # judged before the driver died: the same verdict
+        tid, step = trial.trial_id, result.get(self._time_attr)
+        if tid in self.stopped and step is not None:
+            # Judged before the driver died; a restore from an older checkpoint replays
+            # the same path: continue up to the step it was stopped at, and stop there.
+            return TrialScheduler.STOP if step >= self.stopped[tid] else TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP:
-            self.stopped.add(trial.trial_id)
+        if action == TrialScheduler.STOP and step is not None and step < self._max_t:
+            self.stopped[tid] = int(step)  # a rung stop (at max_t a trial simply ends)
         self._save()
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if trial.trial_id in self.stopped:  # its result is on the rungs already
+        if trial.trial_id in self.stopped:  # its rung result is recorded already
             self._trial_info.pop(trial.trial_id, None)
         else:
             super().on_trial_complete(tune_controller, trial, result)
@@ -59,7 +62,7 @@ class ResumableASHA(ASHAScheduler):
     # --- the state on disk -------------------------------------------------------------
     def __setstate__(self, state: dict) -> None:  # a Tuner.restore unpickles the scheduler
         self.__dict__.update(state)
-        self.stopped = set(state.get("stopped", ()))
+        self.stopped = dict(state.get("stopped") or {})
         self._load()
 
     def _state(self) -> dict[str, Any]:
@@ -70,7 +73,7 @@ class ResumableASHA(ASHAScheduler):
                 for b in self._brackets
             ],
             "brackets": {t: index[id(b)] for t, b in self._trial_info.items()},
-            "stopped": sorted(self.stopped),
+            "stopped": self.stopped,
             "num_stopped": self._num_stopped,
         }
 
@@ -96,7 +99,8 @@ class ResumableASHA(ASHAScheduler):
             for t, i in saved.get("brackets", {}).items()
             if 0 <= i < len(self._brackets)
         }
-        self.stopped = set(saved.get("stopped", []))
+        stopped = saved.get("stopped") or {}
+        self.stopped = {t: int(s) for t, s in stopped.items()} if isinstance(stopped, dict) else {}
         self._num_stopped = int(saved.get("num_stopped", len(self.stopped)))
 
 

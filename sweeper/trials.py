@@ -56,7 +56,7 @@ def scheduler_file(sweep_dir: str | os.PathLike) -> Path:
 def stopped_by_scheduler(sweep_dir: str | os.PathLike) -> set[str]:
     """The trials the sweep's ASHA stopped (empty without ASHA or before its first stop)."""
     try:
-        return set(json.loads(scheduler_file(sweep_dir).read_text()).get("stopped", []))
+        return set(json.loads(scheduler_file(sweep_dir).read_text()).get("stopped") or {})
     except (OSError, ValueError):
         return set()
 

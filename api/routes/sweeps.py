@@ -45,7 +45,7 @@ router = APIRouter(
         },
         503: {
             "model": ErrorBody,
-            "description": f"Over {PARSES_WAITING} specs already wait to be validated "
+            "description": f"{PARSES_WAITING} specs already wait to be validated "
             "(or the database is unreachable); Retry-After says when to try again.",
         },
     },
@@ -68,14 +68,17 @@ router = APIRouter(
 )
 async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
     """Validate and queue a sweep; its driver starts when a slot is free."""
-    body = await request.body()
-    ctype = request.headers.get("content-type", "application/json")
+    _admit(request)  # before the first await
     try:
+        body = await request.body()
+        ctype = request.headers.get("content-type", "application/json")
         # Parsing (pure-Python YAML), validation and the path check take up to seconds on
         # a maximal body: in a worker thread, so the event loop (and /healthz) never waits.
         spec = await _validate(request, body, ctype, settings.roots())
     except InvalidSpec as e:
         return JSONResponse({"detail": e.items}, status_code=422)
+    finally:
+        request.app.state.submits_inflight -= 1
     out = await run_in_threadpool(crud.create_sweep, db, spec, settings.mlflow_ui_url)
     scheduler.wake()
     return JSONResponse(out, status_code=201, headers={"Location": f"/sweeps/{out['id']}"})
@@ -86,13 +89,21 @@ async def _validate(request: Request, body: bytes, ctype: str, roots: list[Path]
     limiter = getattr(state, "parse_limiter", None)
     if limiter is None:  # made in the event loop, on first use
         limiter = state.parse_limiter = anyio.CapacityLimiter(PARSES)
-    if limiter.statistics().tasks_waiting >= PARSES_WAITING:
+    return await anyio.to_thread.run_sync(_checked_spec, body, ctype, roots, limiter=limiter)
+
+
+def _admit(request: Request) -> None:
+    """Count this submit in, before anything awaits (so no burst slips past the count), or
+    refuse it with a 503 when PARSES are running and PARSES_WAITING wait already."""
+    state = request.app.state
+    inflight = getattr(state, "submits_inflight", 0)
+    if inflight >= PARSES + PARSES_WAITING:
         raise HTTPException(
             503,
             f"{PARSES_WAITING} specs already wait to be validated; try again shortly",
             headers={"Retry-After": "5"},
         )
-    return await anyio.to_thread.run_sync(_checked_spec, body, ctype, roots, limiter=limiter)
+    state.submits_inflight = inflight + 1
 
 
 def _checked_spec(body: bytes, ctype: str, roots: list[Path]) -> SweepSpec:

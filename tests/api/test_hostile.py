@@ -378,6 +378,8 @@ def test_concurrent_slow_submits_are_bounded_and_leave_the_other_routes_alone(li
     codes = [c for c, _ in answers]
     assert set(codes) <= {422, 503}, codes
     refused = [ra for c, ra in answers if c == 503]
-    assert 1 <= len(refused) <= n - PARSES - PARSES_WAITING + 2, codes  # a few may finish early
+    # at most PARSES + PARSES_WAITING admitted while they are all in flight; a few more
+    # once the first are done
+    assert 1 <= len(refused) <= n - PARSES - PARSES_WAITING, codes
     assert all(ra == "5" for ra in refused)
     assert worst < 1.0, f"GET /sweeps took {worst:.2f} s behind the submits"

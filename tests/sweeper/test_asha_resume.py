@@ -139,9 +139,9 @@ def test_the_scheduler_state_survives_pickling_through_its_file(tmp_path):
     for tid, acc in (("a", 0.9), ("b", 0.95), ("c", 0.1)):
         asha.on_trial_add(None, T(tid))
         asha.on_trial_result(None, T(tid), {"step": 10, "val/accuracy": acc})
-    assert asha.stopped == {"c"}
+    assert asha.stopped == {"c": 10}
     restored = pickle.loads(pickled)
-    assert restored.stopped == {"c"}
+    assert restored.stopped == {"c": 10}
     assert [dict(r) for _, r in restored._brackets[0]._rungs][-1] == {
         "a": 0.9,
         "b": 0.95,
@@ -154,3 +154,8 @@ def test_the_scheduler_state_survives_pickling_through_its_file(tmp_path):
     restored.on_trial_add(None, T("d"))
     assert restored.on_trial_result(None, T("d"), {"step": 10, "val/accuracy": 0.2}) == "STOP"
     assert restored.on_trial_result(None, T("a"), {"step": 20, "val/accuracy": 0.9}) == "CONTINUE"
+    # A trial that ran to max_t is no rung stop; a replay of a stopped trial from before
+    # its stop continues up to the step it was stopped at.
+    assert restored.on_trial_result(None, T("a"), {"step": 90, "val/accuracy": 0.9}) == "STOP"
+    assert "a" not in restored.stopped
+    assert restored.on_trial_result(None, T("d"), {"step": 5, "val/accuracy": 0.2}) == "CONTINUE"

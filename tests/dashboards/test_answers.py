@@ -1,0 +1,139 @@
+"""The note's questions (dashboards/answers.py) on a synthetic sweep whose truth is known:
+each effect is planted per seed, and the answers must find it, or say "cannot tell"."""
+
+import json
+
+import numpy as np
+import pytest
+
+STEPS = np.arange(0, 401, 80)
+TRAIN = np.arange(1, 401)
+DIGIT, SIZE = "what_digit_is_shown_in_the_image", "is_the_digit_small_or_large"
+
+
+def _trial(i, lam, k, seed):
+    from dashboards.data import Trial
+
+    noise = 0.05 * seed  # seeds differ a lot; the planted effects are steady per seed
+    start = 0.95 + noise
+    # a: training loses 0.03 of the retained fraction at λ = 0, nothing at λ = 1
+    # e: k = 4 keeps 0.01 more at the end, whatever λ
+    end = start - (0.03 if lam == 0 else 0.0) + (0.01 if k == 4 else 0.0)
+    retained = np.linspace(start, end, len(STEPS))
+    # c: the size question (joins at 200) is 0.05 more accurate at λ = 1 after it joins
+    size = np.where(STEPS > 200, 0.8 + noise + (0.05 if lam else 0.0), 0.5)
+    # d: |∇reg| / |∇lm| grows from 0.1 to 0.3 over training; the cosine stays at 0 (noise)
+    g_lm = np.full(len(TRAIN), 2.0)
+    g_reg = np.linspace(0.2, 0.6, len(TRAIN))
+    cos = 0.01 * np.sin(TRAIN + seed)
+    digit = 0.9 + noise - (0.002 * (-1) ** seed if lam else 0.0)  # b: no cost to see
+    history = {
+        "val/probe_retained": (STEPS, retained),
+        f"val/accuracy_by_question/{SIZE}": (STEPS, size),
+        f"val/loss_lm_by_question/{SIZE}": (STEPS, 1 - size),
+        "train/grad_norm_lm": (TRAIN, g_lm),
+        "train/grad_norm_reg": (TRAIN, g_reg),
+        "train/grad_cos": (TRAIN, cos),
+    }
+    metrics = {
+        "val/probe_retained": end,
+        "test/probe_retained": end,
+        f"val/accuracy_by_question/{DIGIT}": digit,
+        f"val/accuracy_by_question/{SIZE}": float(size[-1]),
+    }
+    params = {"reg_constant": str(lam), "token_expansion": str(k), "seed": str(seed)}
+    return Trial(f"t{i}", f"t{i}", "FINISHED", params, metrics, history=history)
+
+
+def _sweep():
+    from dashboards.data import SweepData
+    from sweeper.spec import SweepSpec
+
+    spec = SweepSpec.model_validate(
+        {
+            "name": "answers",
+            "trainer": {
+                "dataset": "digits-factors",
+                "probe_questions": ["What colour is the digit?"],
+                "delayed_questions": {"Is the digit small or large?": 200},
+                "max_steps": 400,
+            },
+            "search": {
+                "sampler": "grid",
+                "space": {
+                    "reg_constant": {"type": "categorical", "choices": [0.0, 1.0]},
+                    "token_expansion": {"type": "categorical", "choices": [1, 4]},
+                },
+            },
+            "budget": {"trials": 4},
+            "repeats": 8,
+        }
+    )
+    grid = [(lam, k, s) for lam in (0.0, 1.0) for k in (1, 4) for s in range(8)]
+    trials = [_trial(i, *c) for i, c in enumerate(grid)]
+    return SweepData("s", "0", "p", "FINISHED", "file:///x", spec, trials)
+
+
+def _find(rows, q, at, quantity, comparison=None):
+    hits = [
+        r
+        for r in rows
+        if r["question"] == q
+        and r["at"] == at
+        and r["quantity"] == quantity
+        and (comparison is None or r["comparison"] == comparison)
+    ]
+    assert len(hits) == 1, (q, at, quantity, [(r["at"], r["quantity"]) for r in rows])
+    return hits[0]
+
+
+def test_the_answers_find_what_was_planted_and_no_more():
+    from dashboards.answers import answer_rows
+
+    rows = answer_rows(_sweep())
+    # a: λ = 0 loses 0.03 (k = 1) or 0.02 (k = 4: +0.01); λ = 1 at k = 1 loses nothing
+    a0 = _find(rows, "a", "λ = 0.0, k = 1", "retained end - start")
+    assert a0["mean"] == pytest.approx(-0.03) and a0["verdict"] == "lower" and a0["n"] == 8
+    a1 = _find(rows, "a", "λ = 1.0, k = 1", "retained end - start")
+    assert a1["mean"] == pytest.approx(0.0, abs=1e-12)
+    # b: λ = 1 keeps 0.03 more, at both k; no accuracy cost to see
+    b = _find(rows, "b", "k = 4", "retained@end")
+    assert b["mean"] == pytest.approx(0.03) and b["verdict"] == "higher"
+    cost = _find(rows, "b", "k = 1", "trained accuracy")
+    assert cost["verdict"].startswith("cannot tell (rules out |effect| >")
+    assert cost["low"] < 0 < cost["high"]
+    # c: +0.05 accuracy on the delayed question after it joins, NLL 0.05 lower
+    c = _find(rows, "c", "k = 1", "delayed accuracy after join")
+    assert c["mean"] == pytest.approx(0.05) and c["verdict"] == "higher"
+    c_nll = _find(rows, "c", "k = 4", "delayed NLL after join")
+    assert c_nll["mean"] == pytest.approx(-0.05) and c_nll["verdict"] == "lower"
+    # d: the unweighted ratio rises by about 0.16 (early fifth ~0.12, late ~0.28)
+    d = _find(rows, "d", "λ = 0.0, k = 4", "grad ratio late - early")
+    assert 0.1 < d["mean"] < 0.2 and d["verdict"] == "higher"
+    assert d["start"] == pytest.approx(0.12, abs=0.01)
+    cos = _find(rows, "d", "λ = 1.0, k = 1", "grad cos late - early")
+    assert abs(cos["mean"]) < 0.01
+    # e: k = 4 keeps 0.01 more at either λ
+    e = _find(rows, "e", "λ = 0.0", "retained@end")
+    assert e["comparison"] == "k = 4 vs k = 1"
+    assert e["mean"] == pytest.approx(0.01) and e["verdict"] == "higher"
+
+
+def test_the_report_carries_the_answers_and_their_data(tmp_path):
+    from dashboards.report import render
+
+    page = render(_sweep(), tmp_path).read_text()
+    assert "The note&#x27;s questions, paired by seed" in page or "note's questions" in page
+    rows = json.loads((tmp_path / "answers.json").read_text())
+    assert {r["question"] for r in rows} == set("abcde")
+    assert (tmp_path / "paired_differences.png").is_file()
+
+
+def test_a_sweep_without_probes_or_delays_has_no_answers():
+    from dashboards.answers import answer_rows
+    from dashboards.data import SweepData, Trial
+
+    trials = [
+        Trial("t", "t", "FINISHED", {"reg_constant": "0.0", "seed": "0"}, {"val/accuracy": 0.5})
+    ]
+    assert answer_rows(SweepData("s", "0", "p", "FINISHED", "file:///x", None, trials)) == []
