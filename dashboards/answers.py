@@ -13,6 +13,8 @@ c. Does λ > 0 help the delayed question? Its accuracy and NLL at the first eval
 d. Which loss drives the projector? ``|∇ reg| / |∇ lm|`` and ``train/grad_cos``, mean over
    the first and the last fifth of the steps, and late minus early within each trial.
 e. Does a wider k keep more? Each k against the smallest k at the same λ.
+p. Trained to the plateau? ``val/accuracy`` and ``val/probe_retained`` at the end minus at
+   the last evaluation at or before 4/5 of the steps, within each trial.
 
 ``answer_rows`` gives the rows (also written as ``answers.json`` beside the report, the data
 behind a findings page); ``answers_table`` the HTML section.
@@ -80,6 +82,16 @@ def _at(t: Trial, key: str, step: str | int) -> float | None:
     return float(np.nanmean(values[keep])) if keep.any() else None
 
 
+def _last_fifth(t: Trial, key: str) -> float | None:
+    """The change of ``key`` from the last evaluation at or before 4/5 of the steps to the
+    end: near 0 on a plateau."""
+    if key not in t.history:
+        return None
+    steps, values = t.history[key]
+    before = np.nonzero(steps <= 0.8 * steps[-1])[0]
+    return float(values[-1] - values[before[-1]]) if len(before) and len(steps) > 1 else None
+
+
 def _ratio(t: Trial, part: str) -> float | None:
     """Mean ``|∇ reg| / |∇ lm|`` (unweighted) over the early or late fifth."""
     if not {G_LM, G_REG} <= t.history.keys():
@@ -116,6 +128,8 @@ def _derived(data: SweepData, t: Trial, trained: list[str]) -> dict[str, float]:
         ):
             out[f"delayed {name} after join"] = _at(t, key + s, joins)
             out[f"delayed {name}@end"] = _at(t, key + s, "end")
+    for name, key in (("accuracy", "val/accuracy"), ("retained", RETAINED)):
+        out[f"{name} change over the last fifth"] = _last_fifth(t, key)
     if out["retained@0"] is not None and out["retained@end"] is not None:
         out["retained end - start"] = out["retained@end"] - out["retained@0"]
     for g in ("grad ratio", "grad cos"):
@@ -179,7 +193,7 @@ def answer_rows(data: SweepData) -> list[dict[str, Any]]:
     trials = _counted(data)
     if not trials or (data.client is None and not any(t.history for t in trials)):
         return []
-    keys = [RETAINED, G_LM, G_REG, G_COS]
+    keys = ["val/accuracy", RETAINED, G_LM, G_REG, G_COS]
     for q in _delayed(data):
         keys += [f"val/accuracy_by_question/{_slug(q)}", f"val/loss_lm_by_question/{_slug(q)}"]
     if data.client is not None:
@@ -208,6 +222,10 @@ def answer_rows(data: SweepData) -> list[dict[str, Any]]:
                         ),
                     )
                 )
+        for key in ("accuracy change over the last fifth", "retained change over the last fifth"):
+            d = _within(c, key)
+            if d is not None:
+                rows.append(_row("p", "end vs 4/5 of the steps (within trial)", at, key, d))
         d = _within(c, "grad cos late - early")
         if d is not None:
             rows.append(
@@ -290,6 +308,7 @@ def _versus(confs, q: str, field: str, ref, names: list[str]) -> list[dict[str, 
 
 
 QUESTIONS = {
+    "p": "Are the curves flat at the end (trained to the plateau)?",
     "a": "Does training discard the held-out factor?",
     "b": "Does λ > 0 keep more of it, at what cost?",
     "c": "Does λ > 0 help the delayed question?",

@@ -27,7 +27,10 @@ def _trial(i, lam, k, seed):
     g_reg = np.linspace(0.2, 0.6, len(TRAIN))
     cos = 0.01 * np.sin(TRAIN + seed)
     digit = 0.9 + noise - (0.002 * (-1) ** seed if lam else 0.0)  # b: no cost to see
+    # p: accuracy still rising at k = 1 (+0.02 over the last fifth), flat at k = 4
+    accuracy = np.array([0.1, 0.5, 0.7, 0.8, 0.85, 0.87 if k == 1 else 0.85]) + noise
     history = {
+        "val/accuracy": (STEPS, accuracy),
         "val/probe_retained": (STEPS, retained),
         f"val/accuracy_by_question/{SIZE}": (STEPS, size),
         f"val/loss_lm_by_question/{SIZE}": (STEPS, 1 - size),
@@ -113,6 +116,11 @@ def test_the_answers_find_what_was_planted_and_no_more():
     assert d["start"] == pytest.approx(0.12, abs=0.01)
     cos = _find(rows, "d", "λ = 1.0, k = 1", "grad cos late - early")
     assert abs(cos["mean"]) < 0.01
+    # p: still rising at k = 1, flat at k = 4
+    p1 = _find(rows, "p", "λ = 0.0, k = 1", "accuracy change over the last fifth")
+    assert p1["mean"] == pytest.approx(0.02) and p1["verdict"] == "higher"
+    p4 = _find(rows, "p", "λ = 1.0, k = 4", "accuracy change over the last fifth")
+    assert p4["mean"] == pytest.approx(0.0, abs=1e-12) and p4["verdict"].startswith("cannot")
     # e: k = 4 keeps 0.01 more at either λ
     e = _find(rows, "e", "λ = 0.0", "retained@end")
     assert e["comparison"] == "k = 4 vs k = 1"
@@ -125,7 +133,7 @@ def test_the_report_carries_the_answers_and_their_data(tmp_path):
     page = render(_sweep(), tmp_path).read_text()
     assert "The note&#x27;s questions, paired by seed" in page or "note's questions" in page
     rows = json.loads((tmp_path / "answers.json").read_text())
-    assert {r["question"] for r in rows} == set("abcde")
+    assert {r["question"] for r in rows} == set("abcdep")
     assert (tmp_path / "paired_differences.png").is_file()
 
 
