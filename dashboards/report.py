@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dashboards.answers import answer_rows, answers_table, fig_paired
 from dashboards.data import ReadSpec, SweepData, load_sweep
+from dashboards.export import write_data
 from dashboards.figures import (
     CURVE_KEYS,
     _NotApplicable,
@@ -100,6 +101,7 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
                 f'<img alt="paired differences" src="data:image/png;base64,{b64}"></figure>'
             )
         sections.append(answers_table(rows))
+    write_data(data, out)  # trials.csv, histories.csv: the data behind the figures
     head, rows = _trial_rows(data, mlflow_ui_url)
     failed = [t for t in data.trials if t.status == "FAILED"]
     failed_html = ""

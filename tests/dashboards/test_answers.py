@@ -135,6 +135,14 @@ def test_the_report_carries_the_answers_and_their_data(tmp_path):
     rows = json.loads((tmp_path / "answers.json").read_text())
     assert {r["question"] for r in rows} == set("abcdep")
     assert (tmp_path / "paired_differences.png").is_file()
+    # the data behind them: a row per trial, and every history point the answers read
+    import csv
+
+    trials = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(trials) == 32 and {t["seed"] for t in trials} == {str(s) for s in range(8)}
+    points = list(csv.DictReader((tmp_path / "histories.csv").open()))
+    grads = [p for p in points if p["key"] == "train/grad_norm_reg" and p["trial_id"] == "t0"]
+    assert [int(p["step"]) for p in grads] == list(range(1, 401))
 
 
 def test_a_sweep_without_probes_or_delays_has_no_answers():
