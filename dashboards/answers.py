@@ -210,7 +210,9 @@ def answer_rows(data: SweepData) -> list[dict[str, Any]]:
                 rows.append(
                     _row(
                         q,
-                        "end vs start (within trial)",
+                        "late vs early (within trial)"
+                        if q == "d"
+                        else "end vs step 0 (within trial)",
                         at,
                         key,
                         d,
