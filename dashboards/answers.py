@@ -302,8 +302,8 @@ def _versus(confs, q: str, field: str, ref, names: list[str]) -> list[dict[str, 
                     _label(others),
                     key,
                     d,
-                    start=statistics.fmean(b.values()),
-                    end=statistics.fmean(a.values()),
+                    start=statistics.fmean(b[x] for x in d.seeds),  # the shared seeds
+                    end=statistics.fmean(a[x] for x in d.seeds),
                 )
             )
     return out

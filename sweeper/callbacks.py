@@ -52,8 +52,9 @@ class StateWriter(tune.Callback):
             row["node"] = result.get("node_id")  # the Ray node it ran on
             row["resumed_from_step"] = result.get("resumed_from_step")  # > 0: from a checkpoint
             last_train = result["history"][-1][1] if result.get("history") else {}
-            # Every val/ metric: per-question accuracies and probes can be objectives too.
-            val = {k: v for k, v in result.items() if k.startswith("val/")}
+            # Every val/ metric (per-question accuracies and probes can be objectives too),
+            # and the test/ ones a trial with test_at_end reports at its last step.
+            val = {k: v for k, v in result.items() if k.startswith(("val/", "test/"))}
             row["metrics"] = last_train | val
         return row
 
@@ -265,7 +266,7 @@ class MlflowTrialLogger(tune.Callback):
             points += [
                 (k, float(v), ts, step)
                 for k, v in result.items()
-                if k.startswith("val/") and isinstance(v, int | float)
+                if k.startswith(("val/", "test/")) and isinstance(v, int | float)
             ]
         self._queued[tid] = max(done, step)
         # one log_batch per report (an eval's worth of steps), more merged after an outage

@@ -15,6 +15,7 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 from ray.tune.schedulers import ASHAScheduler
 
 from sweeper.asha import ResumableASHA
+from sweeper.backfill import backfill_final_metrics
 from sweeper.callbacks import MlflowTrialLogger, StateWriter
 from sweeper.mlflow_retry import WRITES, limit_mlflow_http_retries, mlflow_retry_s, with_retries
 from sweeper.mlflow_runs import SweepParentRun
@@ -138,6 +139,7 @@ def run_sweep(rec: SweepRecord, resume: bool = False) -> dict[str, Any]:
             tuner = tune.Tuner.restore(
                 str(rec.tune_dir), trainable, resume_unfinished=True, storage_filesystem=fs
             )
+            backfill_final_metrics(rec.tune_dir, parent)  # test/ metrics an older driver dropped
         else:
             tuner = _new_tuner(spec, rec, trainable, parent)
         tuner.fit()

@@ -76,3 +76,30 @@ def test_a_sweep_refuses_a_question_its_dataset_lacks_before_any_trial(tiny_data
     )
     with pytest.raises(ValueError, match=rf"trainer\.{field}: 'Is it a cat\?' is not a question"):
         prepare_sources(spec)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_sweep_with_test_at_end_records_the_test_split_in_mlflow(sweep_env, tiny_spec):
+    """The trainer scores the test split once at the end; the sweep must keep it (it was
+    computed, reported to Tune and then dropped: only val/ metrics were logged)."""
+    from sweeper.driver import run_sweep
+    from sweeper.spec import SweepSpec
+    from sweeper.store import SweepRecord
+
+    spec = tiny_spec(trainer={"max_steps": 10, "eval_every": 5, "test_at_end": True})
+    state = run_sweep(
+        SweepRecord.create(SweepSpec.model_validate(spec | {"budget": {"trials": 2}}))
+    )
+    assert state["status"] == "succeeded"
+    client = MlflowClient()
+    runs = client.search_runs(
+        [state["mlflow"]["experiment_id"]],
+        f"tags.mlflow.parentRunId = '{state['mlflow']['parent_run_id']}'",
+    )
+    assert len(runs) == 2
+    for r in runs:
+        hist = client.get_metric_history(r.info.run_id, "test/accuracy")
+        assert [m.step for m in hist] == [10], r.info.run_id  # once, at the last step
+        assert 0.0 <= hist[0].value <= 1.0
+    for row in state["trials"].values():
+        assert "test/accuracy" in row["metrics"]
