@@ -259,7 +259,12 @@ def answer_rows(data: SweepData) -> list[dict[str, Any]]:
                 "delayed NLL@end",
             ],
         ),
-        ("e", "token_expansion", None, ["retained@end", "test retained", "trained accuracy"]),
+        (
+            "e",
+            "token_expansion",
+            None,
+            ["retained@end", "test retained", "trained accuracy", "test accuracy"],
+        ),
     )
     for q, field, ref, names in twins:
         rows += _versus(confs, q, field, ref, names)
