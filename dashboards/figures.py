@@ -334,3 +334,34 @@ def fig_compare(sweeps: list[SweepData]):
     if points:
         ax.legend(fontsize=7)
     return fig, points
+
+
+def fig_paired(rows: list[dict]):
+    """The between-configuration differences (b, c, e) as intervals around 0, one panel per
+    quantity; returns (figure, points drawn)."""
+    shown = [r for r in rows if r["question"] in "bce" and r["low"] is not None]
+    quantities = list(dict.fromkeys(r["quantity"] for r in shown))
+    if not quantities:
+        return None, 0
+    fig, axes = plt.subplots(
+        len(quantities), 1, figsize=(9, 1.1 + 0.45 * len(shown)), squeeze=False
+    )
+    for ax, qty in zip(axes[:, 0], quantities, strict=True):
+        mine = [r for r in shown if r["quantity"] == qty]
+        ys = np.arange(len(mine))
+        mean = np.array([r["mean"] for r in mine])
+        err = np.array(
+            [[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]]
+        )
+        colours = ["tab:gray" if r["verdict"].startswith("cannot") else "tab:blue" for r in mine]
+        for y, m, lo, hi, c in zip(ys, mean, err[0], err[1], colours, strict=True):
+            ax.errorbar([m], [y], xerr=[[lo], [hi]], fmt="none", ecolor=c, capsize=3)
+        ax.scatter(mean, ys, c=colours, zorder=3, s=18)
+        ax.axvline(0, color="black", lw=0.8, ls=":")
+        ax.set_yticks(
+            ys, [f"{r['question']}: {r['comparison']} ({r['at']})" for r in mine], fontsize=7
+        )
+        ax.set_title(f"{qty}: paired difference, 95% interval (grey: cannot tell)", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig, len(shown)

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from dashboards.answers import answer_rows, answers_table, fig_paired
+from dashboards.answers import answer_rows, answers_table
 from dashboards.data import ReadSpec, SweepData, load_sweep
 from dashboards.export import write_data
 from dashboards.figures import (
@@ -34,6 +34,7 @@ from dashboards.figures import (
     fig_curves,
     fig_final_losses,
     fig_grad_ratio,
+    fig_paired,
     fig_pareto,
     fig_retained,
     fig_variants,
