@@ -23,9 +23,14 @@ _EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 EXAMPLE_SPEC = yaml.safe_load(_EXAMPLE.read_text()) if _EXAMPLE.is_file() else {}
 
 # Validation holds the GIL: more threads at it only share one core. At most PARSES at a
-# time in their own limiter (so they never take the threads the sync routes run in), at
-# most PARSES_WAITING queued behind them; beyond that a submit is told to come back.
-PARSES, PARSES_WAITING = 2, 16
+# time in their own limiter (so they never take the threads the sync routes run in). What
+# waits is bounded by its cost, the bytes to parse (a burst of small specs from many users
+# is cheap; a few maximal ones are not), and by count: beyond either bound a submit is told
+# to come back (503, Retry-After) before its body is read.
+PARSES = 2
+INFLIGHT_BYTES = 2_000_000  # Content-Length of the submits admitted and not yet validated
+INFLIGHT_SUBMITS = 64
+RETRY_AFTER_S = 5
 
 
 router = APIRouter(
@@ -45,8 +50,8 @@ router = APIRouter(
         },
         503: {
             "model": ErrorBody,
-            "description": f"{PARSES_WAITING} specs already wait to be validated "
-            "(or the database is unreachable); Retry-After says when to try again.",
+            "description": "Too many specs already wait to be validated (or the database "
+            "is unreachable); Retry-After says when to try again.",
         },
     },
     openapi_extra={
@@ -68,7 +73,7 @@ router = APIRouter(
 )
 async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: SchedulerDep):
     """Validate and queue a sweep; its driver starts when a slot is free."""
-    _admit(request)  # before the first await
+    cost = _admit(request, settings.max_body_bytes)  # before the first await
     try:
         body = await request.body()
         ctype = request.headers.get("content-type", "application/json")
@@ -79,6 +84,7 @@ async def submit(request: Request, db: DbDep, settings: SettingsDep, scheduler: 
         return JSONResponse({"detail": e.items}, status_code=422)
     finally:
         request.app.state.submits_inflight -= 1
+        request.app.state.submit_bytes_inflight -= cost
     out = await run_in_threadpool(crud.create_sweep, db, spec, settings.mlflow_ui_url)
     scheduler.wake()
     return JSONResponse(out, status_code=201, headers={"Location": f"/sweeps/{out['id']}"})
@@ -92,18 +98,26 @@ async def _validate(request: Request, body: bytes, ctype: str, roots: list[Path]
     return await anyio.to_thread.run_sync(_checked_spec, body, ctype, roots, limiter=limiter)
 
 
-def _admit(request: Request) -> None:
+def _admit(request: Request, max_body: int) -> int:
     """Count this submit in, before anything awaits (so no burst slips past the count), or
-    refuse it with a 503 when PARSES are running and PARSES_WAITING wait already."""
+    refuse it with a 503 when the specs already admitted and not yet validated come to
+    INFLIGHT_BYTES (by Content-Length; a body without one counts as the largest allowed)
+    or INFLIGHT_SUBMITS. The first one in is always admitted. Returns its cost in bytes."""
     state = request.app.state
-    inflight = getattr(state, "submits_inflight", 0)
-    if inflight >= PARSES + PARSES_WAITING:
+    count = getattr(state, "submits_inflight", 0)
+    held = getattr(state, "submit_bytes_inflight", 0)
+    length = request.headers.get("content-length", "")
+    cost = min(int(length), max_body) if length.isascii() and length.isdigit() else max_body
+    if count and (count >= INFLIGHT_SUBMITS or held + cost > INFLIGHT_BYTES):
         raise HTTPException(
             503,
-            f"{PARSES_WAITING} specs already wait to be validated; try again shortly",
-            headers={"Retry-After": "5"},
+            f"{count} specs ({held // 1000} kB) already wait to be validated; "
+            f"try again in {RETRY_AFTER_S} s",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    state.submits_inflight = inflight + 1
+    state.submits_inflight = count + 1
+    state.submit_bytes_inflight = held + cost
+    return cost
 
 
 def _checked_spec(body: bytes, ctype: str, roots: list[Path]) -> SweepSpec:
