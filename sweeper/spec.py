@@ -40,8 +40,7 @@ from trainer.config import TrainerConfig
 if TYPE_CHECKING:
     import optuna
 
-# The error formatting is sweeper.spec_errors'; named here too, where the API reads it.
-__all__ = ["SweepSpec", "format_spec_errors", "spec_errors"]
+__all__ = ["SweepSpec", "format_spec_errors", "spec_errors"]  # the API reads these here
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
