@@ -324,48 +324,55 @@ QUESTIONS = {
 }
 
 
-def answers_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as the report's section (empty string when there are none)."""
-    if not rows:
-        return ""
-    from dashboards.html import _table
+HEADER = ["question", "comparison", "at", "quantity", "from", "to", "difference [95%]", "seeds"]
+
+
+def _cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row of text cells per answer, the verdict last (the HTML and Markdown tables')."""
 
     def num(x):
         return "" if x is None else f"{x:+.4f}" if isinstance(x, float) else str(x)
 
-    body = [
+    def level(x):
+        return "" if x is None else f"{x:.4f}"
+
+    return [
         [
-            f"{r['question']}. {QUESTIONS[r['question']]}",
+            r["question"],
             r["comparison"],
             r["at"],
             r["quantity"],
-            "" if r.get("start") is None else f"{r['start']:.4f}",
-            "" if r.get("end") is None else f"{r['end']:.4f}",
+            level(r.get("start")),
+            level(r.get("end")),
             f"{num(r['mean'])} [{num(r['low'])}, {num(r['high'])}]",
             str(r["n"]),
             r["verdict"],
         ]
         for r in rows
     ]
+
+
+def answers_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (``answers.md`` beside the report), to quote in notes."""
+    lines = ["| " + " | ".join([*HEADER, "verdict"]) + " |", "|---" * (len(HEADER) + 1) + "|"]
+    for cells in _cells(rows):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def answers_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as the report's section (empty string when there are none)."""
+    if not rows:
+        return ""
+    from dashboards.html import _table
+
+    body = [[f"{c[0]}. {QUESTIONS[c[0]]}", *c[1:]] for c in _cells(rows)]
     return (
         '<h2 id="answers">The note\'s questions, paired by seed</h2><p>Each difference is the '
         "mean over seeds with its 95% t-interval: within a trial (end minus step 0; late "
         "minus early fifth of the steps) or between two configurations that differ in one "
         "field only, seed s against seed s. 'cannot tell' where the interval holds 0, with "
         "the largest effect it leaves possible. 'from' and 'to' are the seed means of the "
-        "two sides (reference first). The rows are in answers.json beside this page.</p>"
-        + _table(
-            [
-                "question",
-                "comparison",
-                "at",
-                "quantity",
-                "from",
-                "to",
-                "difference [95%]",
-                "seeds",
-                "verdict",
-            ],
-            body,
-        )
+        "two sides (reference first). The rows are in answers.json (and answers.md) beside "
+        "this page.</p>" + _table([*HEADER, "verdict"], body)
     )

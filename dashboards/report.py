@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from dashboards.answers import answer_rows, answers_table
+from dashboards.answers import answer_rows, answers_markdown, answers_table
 from dashboards.data import ReadSpec, SweepData, load_sweep
 from dashboards.export import write_data
 from dashboards.figures import (
@@ -92,6 +92,7 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
     rows = answer_rows(data)
     if rows:
         (out / "answers.json").write_text(json.dumps(rows, indent=1))
+        (out / "answers.md").write_text(answers_markdown(rows))
         fig, n = fig_paired(rows)
         if n:
             png = _png(fig)

@@ -134,6 +134,12 @@ def test_the_report_carries_the_answers_and_their_data(tmp_path):
     assert "The note&#x27;s questions, paired by seed" in page or "note's questions" in page
     rows = json.loads((tmp_path / "answers.json").read_text())
     assert {r["question"] for r in rows} == set("abcdep")
+    # the same rows as a Markdown table, to quote: one line each, in order, same figures
+    md = (tmp_path / "answers.md").read_text().splitlines()[2:]
+    assert len(md) == len(rows)
+    for line, r in zip(md, rows, strict=True):
+        assert line.startswith(f"| {r['question']} | {r['comparison']} | {r['at']} |")
+        assert f"{r['mean']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {r['n']} |" in line
     assert (tmp_path / "paired_differences.png").is_file()
     # the data behind them: a row per trial, and every history point the answers read
     import csv
