@@ -81,14 +81,16 @@ def _summary(state: dict) -> str:
 class _Display:
     """The live trial table on a terminal. Without one (a log file, CI, nohup) rich would
     show the table only once, at the end, so a line is printed instead whenever a trial
-    starts, ends or is retried: elapsed time, trials ended of the total, and the trial's
-    configuration and figures."""
+    starts, ends or is retried: elapsed time, trials ended of the total (and, once one has
+    ended while shown, the time left at the pace so far), and the trial's configuration
+    and figures."""
 
     def __init__(self, state: dict, total: int | None = None):
         self.total = total
         self.live = None
         # Trials already known (a resumed or followed sweep) are not announced again.
         self.seen = {tid: row.get("status") for tid, row in state.get("trials", {}).items()}
+        self.ended0 = sum(s in TRIAL_ENDED for s in self.seen.values())
         self.t0 = time.monotonic()
         if console.is_terminal:
             from rich.live import Live
@@ -111,11 +113,12 @@ class _Display:
 
     def update(self, state: dict) -> None:
         self.state = state
-        if self.live is not None:
-            self.live.update(trials_table(state, title=_summary(state)))
-            return
         trials = state.get("trials", {})
         ended = sum(r.get("status") in TRIAL_ENDED for r in trials.values())
+        if self.live is not None:
+            title = _summary(state) + self.left(ended, time.monotonic() - self.t0)
+            self.live.update(trials_table(state, title=title))
+            return
         for tid, row in trials.items():
             status = row.get("status")
             if self.seen.get(tid) == status:
@@ -133,7 +136,8 @@ class _Display:
         conf = ", ".join(
             f"{short.get(k, k)}={_fmt(v)}" for k, v in (row.get("params") or {}).items()
         )
-        text = f"[{clock}] {of} ended | trial {tid} {row.get('status')}: {conf}"
+        of += f" ended{self.left(ended, secs)}"
+        text = f"[{clock}] {of} | trial {tid} {row.get('status')}: {conf}"
         text += f", seed {_fmt(row.get('seed'))}"
         m = row.get("metrics") or {}
         if (
@@ -147,6 +151,16 @@ class _Display:
         if last:
             text += f" | {last}"
         return text
+
+    def left(self, ended: int, secs: float) -> str:
+        """The time the trials not yet ended would take at the pace of those that ended
+        while shown (a resumed sweep's earlier ones are not counted); empty before one has."""
+        done = ended - self.ended0
+        if not self.total or done < 1 or ended >= self.total:
+            return ""
+        mins = round(secs / done * (self.total - ended) / 60)
+        hours = f"{mins // 60} h " if mins >= 60 else ""
+        return f" (about {hours}{mins % 60} min left at this pace)"
 
 
 def _print_outcome(state: dict) -> None:

@@ -210,7 +210,7 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
     lines = [ln for ln in text.splitlines() if "| trial " in ln]
     assert len(lines) == 3, lines
     assert "1/3 ended | trial t1 running: projector=qformer, λ=0.1, seed 0" in lines[0]
-    assert "2/3 ended | trial t1 finished" in lines[1]
+    assert "2/3 ended (about 0 min left at this pace) | trial t1 finished" in lines[1]
     assert "step 120, val acc 0.812, probe acc 0.900" in lines[1]
     assert "3/3 ended | trial t2 failed" in lines[2]  # the error as it is, not read as markup
     assert lines[2].endswith("RuntimeError: [enforce fail at alloc_cpu.cpp:114] [/x] out of memory")
@@ -218,6 +218,20 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
     # and the whole table once at the end, as the live view leaves it
     table = text[text.index(lines[-1]) + len(lines[-1]) :]
     assert "sweep s1: running (1 failed, 2 finished)" in table and "0.812" in table
+
+
+def test_the_time_left_is_the_pace_of_the_trials_ended_while_shown():
+    """A resumed sweep: 10 of 32 ended before; 2 more end in 20 min (2 at a time), so the
+    20 left take about 3 h 20 min at that pace; nothing is said before one has ended."""
+    from sweeper.cli import display as cli
+
+    ended = {f"t{i}": {"status": "finished"} for i in range(10)}
+    shown = cli._Display({"trials": ended}, total=32)
+    assert shown.left(10, 600) == ""
+    assert shown.left(12, 1200) == " (about 3 h 20 min left at this pace)"
+    assert shown.left(31, 1200) == " (about 1 min left at this pace)"
+    assert shown.left(32, 1200) == ""
+    assert cli._Display({"trials": {}}).left(1, 60) == ""  # no total known
 
 
 def test_a_line_for_a_trial_without_figures_or_with_an_empty_error():
@@ -270,7 +284,8 @@ def test_following_a_remote_sweep_does_not_announce_its_past_again(monkeypatch):
 
     state = cli._watch(Client(), "s1")
     lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
-    assert len(lines) == 1 and "2/3 ended | trial b finished" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "2/3 ended (about 0 min left at this pace) | trial b finished" in lines[0]
     assert state["status"] == "running"  # _watch returns the REST state, read again
 
 
