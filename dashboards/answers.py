@@ -22,6 +22,8 @@ behind a findings page); ``answers_table`` the HTML section.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import statistics
 from typing import Any
 
@@ -51,8 +53,16 @@ def _counted(data: SweepData) -> list[Trial]:
 
 
 def _delayed(data: SweepData) -> dict[str, int]:
-    base = data.spec.base_config() if data.spec else None
-    return dict(getattr(base, "delayed_questions", {}) or {})
+    """The delayed questions and the step each joins: the spec's, or (sweeps read back from
+    their exported data) the trials' own parameter."""
+    if data.spec:
+        return dict(getattr(data.spec.base_config(), "delayed_questions", {}) or {})
+    for t in data.trials:
+        with contextlib.suppress(ValueError, SyntaxError):
+            found = ast.literal_eval(t.params.get("delayed_questions", "None"))
+            if isinstance(found, dict):
+                return found
+    return {}
 
 
 def _trained_questions(data: SweepData, trials: list[Trial]) -> list[str]:

@@ -1,13 +1,16 @@
 """The data behind a report, as CSV beside it: one row per trial (``trials.csv``) and the
 metric histories the report read (``histories.csv``, long format), so a findings page can
-commit them and anyone can recompute its figures without the MLflow store."""
+commit them and anyone can recompute its figures without the MLflow store: ``read_data``
+reads them back, ``pool`` joins several sweeps of one design (``sweeper answers``)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from dashboards.data import SweepData
+import numpy as np
+
+from dashboards.data import ReportError, SweepData, Trial
 
 
 def write_data(data: SweepData, out: Path) -> list[Path]:
@@ -41,3 +44,76 @@ def write_data(data: SweepData, out: Path) -> list[Path]:
 
 def _num(v) -> str:
     return "" if v is None else f"{float(v):.6g}"
+
+
+# Trainer fields that may differ between trials of one design: the configuration (λ, k),
+# the seed, and where a trial ran.
+_PER_TRIAL = {"reg_constant", "token_expansion", "seed", "device", "precision"}
+
+
+def read_data(folder: str | Path) -> SweepData:
+    """A sweep back from what :func:`write_data` wrote (``trials.csv``, ``histories.csv``),
+    for the answers without the MLflow store. Values carry write_data's 6 digits."""
+    folder = Path(folder)
+    path = folder / "trials.csv"
+    if not path.is_file():
+        raise ReportError(f"{folder}: no trials.csv (write it with `sweeper report ID -o DIR`)")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fixed = {"trial_id", "run_id", "status", "stopped_by"}
+    names = set(rows[0]) - fixed if rows else set()
+    metric_names = {n for n in names if "/" in n}
+    trials = {}
+    for r in rows:
+        trials[r["trial_id"]] = Trial(
+            run_id=r["run_id"],
+            trial_id=r["trial_id"],
+            status=r["status"],
+            params={k: r[k] for k in names - metric_names if r[k] != ""},
+            metrics={k: float(r[k]) for k in metric_names if r[k] != ""},
+            stopped_by=r["stopped_by"] or None,
+        )
+    points: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    if (folder / "histories.csv").is_file():
+        with (folder / "histories.csv").open(newline="") as f:
+            for p in csv.DictReader(f):
+                value = float(p["value"]) if p["value"] != "" else float("nan")
+                points.setdefault((p["trial_id"], p["key"]), []).append((int(p["step"]), value))
+    for (tid, key), pts in points.items():
+        if tid in trials:
+            pts.sort()
+            trials[tid].history[key] = (
+                np.array([s for s, _ in pts]),
+                np.array([v for _, v in pts], dtype=float),
+            )
+    return SweepData(folder.name, "", "", "FINISHED", "", None, list(trials.values()))
+
+
+def pool(sweeps: list[SweepData]) -> SweepData:
+    """Several sweeps of one design as one: their trials must agree on every trainer field
+    but λ, k and the seed (so seed s is the same initialisation and batch order in each),
+    and no configuration may have the same seed twice."""
+    if len(sweeps) == 1:
+        return sweeps[0]
+    base: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for data in sweeps:
+        for t in data.trials:
+            for k, v in t.params.items():
+                if k in _PER_TRIAL:
+                    continue
+                if base.setdefault(k, v) != v:
+                    raise ReportError(
+                        f"{data.sweep_id}: trial {t.trial_id} has {k} = {v}, another sweep "
+                        f"{base[k]}: trials of different designs cannot be paired by seed"
+                    )
+            at = (t.params.get("reg_constant"), t.params.get("token_expansion"), t.seed)
+            if at in seen:
+                raise ReportError(
+                    f"λ = {at[0]}, k = {at[1]}, seed {at[2]} is in both {seen[at]} and "
+                    f"{data.sweep_id}: pool sweeps that ran different configurations"
+                )
+            seen[at] = data.sweep_id
+    name = " + ".join(d.sweep_id for d in sweeps)
+    trials = [t for d in sweeps for t in d.trials]
+    return SweepData(name, "", "", "FINISHED", "", None, trials)

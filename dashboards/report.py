@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dashboards.answers import answer_rows, answers_markdown, answers_table
-from dashboards.data import ReadSpec, SweepData, load_sweep
-from dashboards.export import write_data
+from dashboards.data import ReadSpec, ReportError, SweepData, load_sweep
+from dashboards.export import pool, read_data, write_data
 from dashboards.figures import (
     CURVE_KEYS,
     _NotApplicable,
@@ -89,19 +89,14 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
             f'<img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"></figure>'
         )
     sections += _answer_tables(data)
-    rows = answer_rows(data)
+    rows, png = _write_answers(data, out)
+    if png:
+        b64 = base64.b64encode(png).decode()
+        sections.append(
+            '<h2>Paired differences</h2><figure id="paired_differences">'
+            f'<img alt="paired differences" src="data:image/png;base64,{b64}"></figure>'
+        )
     if rows:
-        (out / "answers.json").write_text(json.dumps(rows, indent=1))
-        (out / "answers.md").write_text(answers_markdown(rows))
-        fig, n = fig_paired(rows)
-        if n:
-            png = _png(fig)
-            (out / "paired_differences.png").write_bytes(png)
-            b64 = base64.b64encode(png).decode()
-            sections.append(
-                '<h2>Paired differences</h2><figure id="paired_differences">'
-                f'<img alt="paired differences" src="data:image/png;base64,{b64}"></figure>'
-            )
         sections.append(answers_table(rows))
     write_data(data, out)  # trials.csv, histories.csv: the data behind the figures
     head, rows = _trial_rows(data, mlflow_ui_url)
@@ -133,6 +128,33 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], bytes | None]:
+    """answers.json, answers.md and paired_differences.png, where the sweep answers."""
+    rows = answer_rows(data)
+    if not rows:
+        return rows, None
+    (out / "answers.json").write_text(json.dumps(rows, indent=1))
+    (out / "answers.md").write_text(answers_markdown(rows))
+    fig, n = fig_paired(rows)
+    png = _png(fig) if n else None
+    if png:
+        (out / "paired_differences.png").write_bytes(png)
+    return rows, png
+
+
+def write_answers(folders: list[str | Path], out: str | Path) -> list[dict]:
+    """The note's answers from exported report data (``sweeper report``'s trials.csv and
+    histories.csv), several sweeps of one design pooled: answers.json, answers.md and
+    paired_differences.png in ``out``; returns the rows."""
+    data = pool([read_data(f) for f in folders])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, _ = _write_answers(data, out)
+    if not rows:
+        raise ReportError(f"{data.sweep_id}: nothing to answer (no histories of the measures)")
+    return rows
 
 
 def write_report(

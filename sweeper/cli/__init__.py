@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sweeper.cli.local import cancel, list_sweeps, resume, status, submit
-from sweeper.cli.report import compare, report
+from sweeper.cli.report import answers, compare, report
 from sweeper.cli.serve import serve
 from sweeper.cli.train import train
 
@@ -30,3 +30,4 @@ app.command("list")(list_sweeps)
 app.command()(serve)
 app.command()(report)
 app.command()(compare)
+app.command()(answers)

@@ -1,4 +1,5 @@
-"""`sweeper report` and `sweeper compare`: a sweep's report, several sweeps overlaid."""
+"""`sweeper report`, `compare` and `answers`: a sweep's report, several sweeps overlaid, the
+note's answers from exported data."""
 
 from __future__ import annotations
 
@@ -81,3 +82,23 @@ def compare(
     except ReportError as e:
         _fail([str(e)])
     console.print(f"comparison: {path}")
+
+
+def answers(
+    folders: Annotated[
+        list[Path], typer.Argument(help="Folders `sweeper report` wrote (trials.csv, ...).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into.")] = Path(
+        "answers"
+    ),
+) -> None:
+    """The note's answers (a-e, paired by seed) from reports' exported data, without the
+    MLflow store; several sweeps of one design (say, one per k) are pooled."""
+    from dashboards.data import ReportError
+    from dashboards.report import write_answers
+
+    try:
+        rows = write_answers(folders, output)
+    except ReportError as e:
+        _fail([str(e)])
+    console.print(f"answers: {output / 'answers.md'} ({len(rows)} rows; and answers.json)")

@@ -45,6 +45,7 @@ def _trial(i, lam, k, seed):
         f"val/accuracy_by_question/{SIZE}": float(size[-1]),
     }
     params = {"reg_constant": str(lam), "token_expansion": str(k), "seed": str(seed)}
+    params |= {"batch_size": "16", "delayed_questions": str({"Is the digit small or large?": 200})}
     return Trial(f"t{i}", f"t{i}", "FINISHED", params, metrics, history=history)
 
 

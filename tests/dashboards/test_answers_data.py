@@ -1,0 +1,90 @@
+"""`sweeper answers`: the note's answers from a report's exported data (no MLflow store),
+several sweeps of one design pooled; refused where the trials cannot be paired."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.dashboards.test_answers import _sweep
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A report of the synthetic 32-trial sweep, with its answers.json and exported data."""
+    from dashboards.report import render
+
+    render(_sweep(), tmp_path / "report")
+    return tmp_path / "report"
+
+
+def _answers(*folders, out):
+    from sweeper.cli import app
+
+    result = CliRunner().invoke(app, ["answers", *map(str, folders), "-o", str(out)])
+    rows = json.loads((out / "answers.json").read_text()) if result.exit_code == 0 else None
+    return result, rows
+
+
+def _same(a, b, tol):
+    assert [(r["question"], r["at"], r["quantity"], r["n"]) for r in a] == [
+        (r["question"], r["at"], r["quantity"], r["n"]) for r in b
+    ]
+    for x, y in zip(a, b, strict=True):
+        assert x["verdict"].split(" (")[0] == y["verdict"].split(" (")[0]
+        for k in ("mean", "low", "high", "start", "end"):
+            if x.get(k) is not None:
+                assert y[k] == pytest.approx(x[k], abs=tol), (x, k)
+
+
+def _split(src, dst, keep):
+    """A copy of an export with only the trials ``keep`` accepts (one sweep of a split)."""
+    dst.mkdir()
+    for name in ("trials.csv", "histories.csv"):
+        with (src / name).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        ids = {r["trial_id"] for r in csv.DictReader((src / "trials.csv").open()) if keep(r)}
+        with (dst / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(r for r in rows if r["trial_id"] in ids)
+    return dst
+
+
+def test_the_exported_data_gives_the_report_s_answers(exported, tmp_path):
+    result, rows = _answers(exported, out=tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "answers.md" in result.output and (tmp_path / "a" / "paired_differences.png").is_file()
+    # the same rows as the report's, to the 6 digits the export keeps
+    _same(json.loads((exported / "answers.json").read_text()), rows, tol=1e-5)
+    # c too: the delayed question read from the trials' parameters
+    assert {r["question"] for r in rows} == set("abcdep")
+
+
+def test_two_sweeps_of_one_design_pool_into_the_whole_answer(exported, tmp_path):
+    """Run as one sweep per k, the design answers e (k = 4 vs k = 1) only when pooled."""
+    k1 = _split(exported, tmp_path / "k1", lambda r: r["token_expansion"] == "1")
+    k4 = _split(exported, tmp_path / "k4", lambda r: r["token_expansion"] == "4")
+    _, whole = _answers(exported, out=tmp_path / "whole")
+    _, alone = _answers(k1, out=tmp_path / "alone")
+    assert "e" not in {r["question"] for r in alone}
+    result, pooled = _answers(k1, k4, out=tmp_path / "pooled")
+    assert result.exit_code == 0, result.output
+    key = lambda r: (r["question"], r["at"], r["quantity"])  # noqa: E731
+    _same(sorted(whole, key=key), sorted(pooled, key=key), tol=1e-12)
+
+
+def test_trials_that_cannot_be_paired_are_refused_with_the_reason(exported, tmp_path):
+    result, _ = _answers(exported, exported, out=tmp_path / "twice")
+    assert result.exit_code != 0 and "is in both" in result.output
+    k1 = _split(exported, tmp_path / "k1", lambda r: r["token_expansion"] == "1")
+    other = _split(exported, tmp_path / "k4", lambda r: r["token_expansion"] == "4")
+    text = (other / "trials.csv").read_text().replace(",16,", ",32,")
+    (other / "trials.csv").write_text(text)
+    result, _ = _answers(k1, other, out=tmp_path / "mixed")
+    assert result.exit_code != 0 and "batch_size = 32" in result.output
+    assert "cannot be paired by seed" in result.output
+    result, _ = _answers(tmp_path / "nothing", out=tmp_path / "none")
+    assert result.exit_code != 0 and "no trials.csv" in result.output
+    assert "Traceback" not in result.output
