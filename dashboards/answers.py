@@ -45,11 +45,7 @@ def _slug(question: str) -> str:
 
 def _counted(data: SweepData) -> list[Trial]:
     """Ended trials whose figures count (as the report's other tables count them)."""
-    return [
-        t
-        for t in data.trials
-        if t.status not in ("FAILED", "RUNNING") and not t.cut_short and t.seed is not None
-    ]
+    return [t for t in data.trials if t.counts]
 
 
 def _delayed(data: SweepData) -> dict[str, int]:
@@ -58,7 +54,7 @@ def _delayed(data: SweepData) -> dict[str, int]:
     if data.spec:
         return dict(getattr(data.spec.base_config(), "delayed_questions", {}) or {})
     for t in data.trials:
-        with contextlib.suppress(ValueError, SyntaxError):
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
             found = ast.literal_eval(t.params.get("delayed_questions", "None"))
             if isinstance(found, dict):
                 return found

@@ -84,6 +84,12 @@ class Trial:
         )
 
     @property
+    def counts(self) -> bool:
+        """Ended by the plan, seeded: its figures count in seed means and the answers."""
+        ended = self.status not in ("FAILED", "RUNNING")
+        return ended and not self.cut_short and self.seed is not None
+
+    @property
     def reg_constant(self) -> float:
         return float(self.params.get("reg_constant", "nan"))
 

@@ -47,8 +47,9 @@ def _num(v) -> str:
 
 
 # Trainer fields that may differ between trials of one design: the configuration (λ, k),
-# the seed, and where a trial ran.
-_PER_TRIAL = {"reg_constant", "token_expansion", "seed", "device", "precision"}
+# the seed, and the device asked for. (Which machine a trial ran on is not recorded: a
+# pool of sweeps from two machines carries their run-to-run spread, docs/findings.md.)
+_PER_TRIAL = {"reg_constant", "token_expansion", "seed", "device"}
 
 
 def read_data(folder: str | Path) -> SweepData:
@@ -58,27 +59,11 @@ def read_data(folder: str | Path) -> SweepData:
     path = folder / "trials.csv"
     if not path.is_file():
         raise ReportError(f"{folder}: no trials.csv (write it with `sweeper report ID -o DIR`)")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    fixed = {"trial_id", "run_id", "status", "stopped_by"}
-    names = set(rows[0]) - fixed if rows else set()
-    metric_names = {n for n in names if "/" in n}
-    trials = {}
-    for r in rows:
-        trials[r["trial_id"]] = Trial(
-            run_id=r["run_id"],
-            trial_id=r["trial_id"],
-            status=r["status"],
-            params={k: r[k] for k in names - metric_names if r[k] != ""},
-            metrics={k: float(r[k]) for k in metric_names if r[k] != ""},
-            stopped_by=r["stopped_by"] or None,
-        )
-    points: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    if (folder / "histories.csv").is_file():
-        with (folder / "histories.csv").open(newline="") as f:
-            for p in csv.DictReader(f):
-                value = float(p["value"]) if p["value"] != "" else float("nan")
-                points.setdefault((p["trial_id"], p["key"]), []).append((int(p["step"]), value))
+    try:
+        trials = _read_trials(path)
+        points = _read_points(folder / "histories.csv")
+    except (ValueError, KeyError, TypeError, csv.Error) as e:
+        raise ReportError(f"{folder}: not the data `sweeper report` writes ({e!r})") from None
     for (tid, key), pts in points.items():
         if tid in trials:
             pts.sort()
@@ -89,31 +74,64 @@ def read_data(folder: str | Path) -> SweepData:
     return SweepData(folder.name, "", "", "FINISHED", "", None, list(trials.values()))
 
 
+def _read_trials(path: Path) -> dict[str, Trial]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fixed = {"trial_id", "run_id", "status", "stopped_by"}
+    names = set(rows[0]) - fixed if rows else set()
+    metric_names = {n for n in names if "/" in n}
+    return {
+        r["trial_id"]: Trial(
+            run_id=r["run_id"],
+            trial_id=r["trial_id"],
+            status=r["status"],
+            params={k: r[k] for k in names - metric_names if r[k] != ""},
+            metrics={k: float(r[k]) for k in metric_names if r[k] != ""},
+            stopped_by=r["stopped_by"] or None,
+        )
+        for r in rows
+    }
+
+
+def _read_points(path: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    points: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    if path.is_file():
+        with path.open(newline="") as f:
+            for p in csv.DictReader(f):
+                value = float(p["value"]) if p["value"] != "" else float("nan")
+                points.setdefault((p["trial_id"], p["key"]), []).append((int(p["step"]), value))
+    return points
+
+
 def pool(sweeps: list[SweepData]) -> SweepData:
-    """Several sweeps of one design as one: their trials must agree on every trainer field
-    but λ, k and the seed (so seed s is the same initialisation and batch order in each),
-    and no configuration may have the same seed twice."""
-    if len(sweeps) == 1:
-        return sweeps[0]
-    base: dict[str, str] = {}
+    """One or several sweeps of one design as one: every trial must agree on every trainer
+    field but λ, k, the seed and the device (so configurations differ in λ and k only, and
+    seed s is the same initialisation and batch order in each), and no configuration may
+    have the same seed twice among the trials that count."""
+    first: tuple[str, str, dict[str, str]] | None = None
     seen: dict[tuple, str] = {}
     for data in sweeps:
         for t in data.trials:
-            for k, v in t.params.items():
-                if k in _PER_TRIAL:
-                    continue
-                if base.setdefault(k, v) != v:
-                    raise ReportError(
-                        f"{data.sweep_id}: trial {t.trial_id} has {k} = {v}, another sweep "
-                        f"{base[k]}: trials of different designs cannot be paired by seed"
-                    )
-            at = (t.params.get("reg_constant"), t.params.get("token_expansion"), t.seed)
-            if at in seen:
+            fixed = {k: v for k, v in t.params.items() if k not in _PER_TRIAL}
+            if first is None:
+                first = (data.sweep_id, t.trial_id, fixed)
+            elif fixed != first[2]:
+                ref = first[2]
+                k = min(k for k in fixed.keys() | ref.keys() if fixed.get(k) != ref.get(k))
                 raise ReportError(
-                    f"λ = {at[0]}, k = {at[1]}, seed {at[2]} is in both {seen[at]} and "
-                    f"{data.sweep_id}: pool sweeps that ran different configurations"
+                    f"{data.sweep_id} trial {t.trial_id} has {k} = {fixed.get(k, '(unset)')}, "
+                    f"{first[0]} trial {first[1]} {k} = {first[2].get(k, '(unset)')}: the "
+                    "answers compare configurations that differ in λ and k only; these "
+                    "trials cannot be paired by seed"
                 )
-            seen[at] = data.sweep_id
+            if t.counts:
+                at = (t.reg_constant, t.token_expansion, t.seed)
+                if at in seen:
+                    raise ReportError(
+                        f"λ = {at[0]:g}, k = {at[1]}, seed {at[2]} counts twice ({seen[at]} "
+                        f"and {data.sweep_id}): pool sweeps that ran different configurations"
+                    )
+                seen[at] = data.sweep_id
     name = " + ".join(d.sweep_id for d in sweeps)
     trials = [t for d in sweeps for t in d.trials]
     return SweepData(name, "", "", "FINISHED", "", None, trials)

@@ -115,8 +115,9 @@ class _Display:
         self.state = state
         trials = state.get("trials", {})
         ended = sum(r.get("status") in TRIAL_ENDED for r in trials.values())
+        running = sum(r.get("status") == "running" for r in trials.values())
         if self.live is not None:
-            title = _summary(state) + self.left(ended, time.monotonic() - self.t0)
+            title = _summary(state) + self.left(ended, time.monotonic() - self.t0, running)
             self.live.update(trials_table(state, title=title))
             return
         for tid, row in trials.items():
@@ -125,10 +126,10 @@ class _Display:
                 continue
             self.seen[tid] = status
             # markup=False: an error's text ("[enforce fail at ...]") is printed as it is.
-            text = self.line(tid, row, ended)
+            text = self.line(tid, row, ended, running)
             console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def line(self, tid: str, row: dict, ended: int) -> str:
+    def line(self, tid: str, row: dict, ended: int, running: int = 0) -> str:
         secs = int(time.monotonic() - self.t0)
         clock = f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
         of = f"{ended}/{self.total}" if self.total else str(ended)
@@ -136,7 +137,7 @@ class _Display:
         conf = ", ".join(
             f"{short.get(k, k)}={_fmt(v)}" for k, v in (row.get("params") or {}).items()
         )
-        of += f" ended{self.left(ended, secs)}"
+        of += f" ended{self.left(ended, secs, running)}"
         text = f"[{clock}] {of} | trial {tid} {row.get('status')}: {conf}"
         text += f", seed {_fmt(row.get('seed'))}"
         m = row.get("metrics") or {}
@@ -152,13 +153,16 @@ class _Display:
             text += f" | {last}"
         return text
 
-    def left(self, ended: int, secs: float) -> str:
+    def left(self, ended: int, secs: float, running: int = 0) -> str:
         """The time the trials not yet ended would take at the pace of those that ended
-        while shown (a resumed sweep's earlier ones are not counted); empty before one has."""
+        while shown (a resumed sweep's earlier ones are not counted); empty until as many
+        have ended as are running (a first end among parallel trials is no pace yet)."""
         done = ended - self.ended0
-        if not self.total or done < 1 or ended >= self.total:
+        if not self.total or done < max(1, running) or ended >= self.total:
             return ""
         mins = round(secs / done * (self.total - ended) / 60)
+        if mins < 1:
+            return " (under 1 min left at this pace)"
         hours = f"{mins // 60} h " if mins >= 60 else ""
         return f" (about {hours}{mins % 60} min left at this pace)"
 

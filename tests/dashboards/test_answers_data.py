@@ -52,6 +52,16 @@ def _split(src, dst, keep):
     return dst
 
 
+def _edit(folder, change):
+    """Rewrite ``folder/trials.csv`` after ``change(rows)``."""
+    rows = list(csv.DictReader((folder / "trials.csv").open()))
+    change(rows)
+    with (folder / "trials.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def test_the_exported_data_gives_the_report_s_answers(exported, tmp_path):
     result, rows = _answers(exported, out=tmp_path / "a")
     assert result.exit_code == 0, result.output
@@ -77,7 +87,17 @@ def test_two_sweeps_of_one_design_pool_into_the_whole_answer(exported, tmp_path)
 
 def test_trials_that_cannot_be_paired_are_refused_with_the_reason(exported, tmp_path):
     result, _ = _answers(exported, exported, out=tmp_path / "twice")
-    assert result.exit_code != 0 and "is in both" in result.output
+    assert result.exit_code != 0 and "counts twice" in result.output
+    # one folder whose trials differ in a field besides λ and k: not merged into one config
+    lr = _split(exported, tmp_path / "lr", lambda r: True)
+    _edit(lr, lambda rows: [r.update({"batch_size": "8"}) for r in rows[::2]])
+    result, _ = _answers(lr, out=tmp_path / "lr_out")
+    assert result.exit_code != 0 and "batch_size = 16" in result.output
+    # not the data the report writes: a clear line, no traceback
+    bad = _split(exported, tmp_path / "bad", lambda r: True)
+    _edit(bad, lambda rows: rows[0].update({"val/probe_retained": "n/a"}))
+    result, _ = _answers(bad, out=tmp_path / "bad_out")
+    assert result.exit_code != 0 and "not the data `sweeper report` writes" in result.output
     k1 = _split(exported, tmp_path / "k1", lambda r: r["token_expansion"] == "1")
     other = _split(exported, tmp_path / "k4", lambda r: r["token_expansion"] == "4")
     text = (other / "trials.csv").read_text().replace(",16,", ",32,")
@@ -88,3 +108,14 @@ def test_trials_that_cannot_be_paired_are_refused_with_the_reason(exported, tmp_
     result, _ = _answers(tmp_path / "nothing", out=tmp_path / "none")
     assert result.exit_code != 0 and "no trials.csv" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_trial_cut_short_does_not_block_its_rerun(exported, tmp_path):
+    """A trial an interrupt cut short is left out of the answers, so the same seed run
+    again in a second sweep pools without a clash."""
+    k1 = _split(exported, tmp_path / "k1", lambda r: r["token_expansion"] == "1")
+    cut = _split(exported, tmp_path / "cut", lambda r: r["trial_id"] == "t0")
+    text = (cut / "trials.csv").read_text().replace("FINISHED,", "KILLED,interrupted", 1)
+    (cut / "trials.csv").write_text(text)
+    result, _ = _answers(k1, cut, out=tmp_path / "out")
+    assert result.exit_code == 0, result.output

@@ -210,7 +210,7 @@ def test_without_a_terminal_each_trial_start_and_end_is_a_line(monkeypatch):
     lines = [ln for ln in text.splitlines() if "| trial " in ln]
     assert len(lines) == 3, lines
     assert "1/3 ended | trial t1 running: projector=qformer, λ=0.1, seed 0" in lines[0]
-    assert "2/3 ended (about 0 min left at this pace) | trial t1 finished" in lines[1]
+    assert "2/3 ended (under 1 min left at this pace) | trial t1 finished" in lines[1]
     assert "step 120, val acc 0.812, probe acc 0.900" in lines[1]
     assert "3/3 ended | trial t2 failed" in lines[2]  # the error as it is, not read as markup
     assert lines[2].endswith("RuntimeError: [enforce fail at alloc_cpu.cpp:114] [/x] out of memory")
@@ -230,6 +230,10 @@ def test_the_time_left_is_the_pace_of_the_trials_ended_while_shown():
     assert shown.left(10, 600) == ""
     assert shown.left(12, 1200) == " (about 3 h 20 min left at this pace)"
     assert shown.left(31, 1200) == " (about 1 min left at this pace)"
+    assert shown.left(32 - 1, 5) == " (under 1 min left at this pace)"
+    # the first of 2 parallel trials to end (the other still running) is no pace yet
+    assert shown.left(11, 600, running=2) == ""
+    assert shown.left(12, 1200, running=2) == " (about 3 h 20 min left at this pace)"
     assert shown.left(32, 1200) == ""
     assert cli._Display({"trials": {}}).left(1, 60) == ""  # no total known
 
@@ -285,7 +289,7 @@ def test_following_a_remote_sweep_does_not_announce_its_past_again(monkeypatch):
     state = cli._watch(Client(), "s1")
     lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
     assert len(lines) == 1, lines
-    assert "2/3 ended (about 0 min left at this pace) | trial b finished" in lines[0]
+    assert "2/3 ended (under 1 min left at this pace) | trial b finished" in lines[0]
     assert state["status"] == "running"  # _watch returns the REST state, read again
 
 
