@@ -41,10 +41,10 @@ def _same(a, b, tol):
 def _split(src, dst, keep):
     """A copy of an export with only the trials ``keep`` accepts (one sweep of a split)."""
     dst.mkdir()
+    ids = {r["trial_id"] for r in csv.DictReader((src / "trials.csv").open()) if keep(r)}
     for name in ("trials.csv", "histories.csv"):
         with (src / name).open(newline="") as f:
             rows = list(csv.DictReader(f))
-        ids = {r["trial_id"] for r in csv.DictReader((src / "trials.csv").open()) if keep(r)}
         with (dst / name).open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
