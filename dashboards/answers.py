@@ -164,13 +164,12 @@ def _label(params: dict) -> str:
 
 def _verdict(d: PairedDifference) -> str:
     """'higher' / 'lower' (the first side, or the end) where the interval excludes 0."""
-    if d.low is None:
-        return "too few seeds"
-    if d.low > 0:
-        return "higher"
-    if d.high < 0:
-        return "lower"
-    return f"cannot tell (rules out |effect| > {d.rules_out():.3g})"
+    v = d.verdict()
+    if v == "cannot tell":
+        if d.no_spread:
+            return f"cannot tell (all {d.n} differences equal: no interval)"
+        return f"cannot tell (rules out |effect| > {d.rules_out():.3g})"
+    return {"better": "higher", "worse": "lower"}.get(v, v)
 
 
 def _row(question, what, at, key, d: PairedDifference, **extra) -> dict[str, Any]:
@@ -350,7 +349,9 @@ def _cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["quantity"],
             level(r.get("start")),
             level(r.get("end")),
-            f"{num(r['mean'])} [{num(r['low'])}, {num(r['high'])}]",
+            f"{num(r['mean'])} [{num(r['low'])}, {num(r['high'])}]"
+            if r["low"] is not None
+            else f"{num(r['mean'])} (no interval)",
             str(r["n"]),
             r["verdict"],
         ]

@@ -19,9 +19,13 @@ class PairedDifference:
 
     n: int
     mean: float
-    low: float | None  # None under 2 pairs: no interval
+    low: float | None  # None under 2 pairs, or with no spread: no interval
     high: float | None
     seeds: tuple = ()
+    # every pair differed by the same amount (a quantised measure, few seeds): the
+    # t-interval would collapse to a point, so there is none, and the verdict falls back
+    # on the sign test
+    no_spread: bool = False
 
     @property
     def half(self) -> float | None:
@@ -29,7 +33,15 @@ class PairedDifference:
 
     def verdict(self, sign: int = 1) -> str:
         """'better' / 'worse' when the interval excludes 0 (``sign`` 1: higher is better,
-        -1: lower is), else 'cannot tell'; 'too few seeds' under 2 pairs."""
+        -1: lower is), else 'cannot tell'; 'too few seeds' under 2 pairs.
+
+        With no spread there is no interval: n equal non-zero differences are judged by
+        the exact two-sided sign test (p = 2^(1-n), under 0.05 from 6 seeds on), so two
+        seeds that happened to move by the same quantum do not make a claim."""
+        if self.no_spread:
+            if self.mean == 0 or 2.0 ** (1 - self.n) >= 0.05:
+                return "cannot tell"
+            return "better" if sign * self.mean > 0 else "worse"
         if self.low is None:
             return "too few seeds"
         if self.low > 0 or self.high < 0:
@@ -38,12 +50,14 @@ class PairedDifference:
 
     def rules_out(self) -> float | None:
         """For 'cannot tell': the largest effect the interval leaves possible; effects
-        larger than this in size are ruled out (at 95%)."""
+        larger than this in size are ruled out (at 95%); None with no interval."""
         if self.low is None:
             return None
         return max(abs(self.low), abs(self.high))
 
     def text(self, fmt: str = "+.3f") -> str:
+        if self.no_spread:
+            return f"{self.mean:{fmt}} (n = {self.n}, all equal: no interval)"
         if self.low is None:
             return f"{self.mean:{fmt}} (n = {self.n})"
         return f"{self.mean:{fmt}} [{self.low:{fmt}}, {self.high:{fmt}}] (n = {self.n})"
@@ -61,6 +75,8 @@ def paired_difference(
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDifference(1, mean, None, None, tuple(seeds))
+    if max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(mean)):
+        return PairedDifference(len(diffs), mean, None, None, tuple(seeds), no_spread=True)
     sd = statistics.stdev(diffs)
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
     return PairedDifference(len(diffs), mean, mean - half, mean + half, tuple(seeds))

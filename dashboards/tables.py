@@ -306,7 +306,7 @@ def _baseline_table(data: SweepData) -> str:
         d = r["diff"]
         sign = -1 if (r["key"] == data.metric and data.mode == "min") else 1
         verdict = d.verdict(sign)
-        if verdict == "cannot tell":
+        if verdict == "cannot tell" and d.rules_out() is not None:
             verdict += f" (rules out |difference| > {d.rules_out():.3f})"
         rows.append(
             [

@@ -140,7 +140,10 @@ def test_the_report_carries_the_answers_and_their_data(tmp_path):
     assert len(md) == len(rows)
     for line, r in zip(md, rows, strict=True):
         assert line.startswith(f"| {r['question']} | {r['comparison']} | {r['at']} |")
-        assert f"{r['mean']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {r['n']} |" in line
+        if r["low"] is None:  # planted effects that are exact per seed have no spread
+            assert f"{r['mean']:+.4f} (no interval) | {r['n']} |" in line
+        else:
+            assert f"{r['mean']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {r['n']} |" in line
     assert (tmp_path / "paired_differences.png").is_file()
     # the data behind them: a row per trial, and every history point the answers read
     import csv
@@ -160,3 +163,16 @@ def test_a_sweep_without_probes_or_delays_has_no_answers():
         Trial("t", "t", "FINISHED", {"reg_constant": "0.0", "seed": "0"}, {"val/accuracy": 0.5})
     ]
     assert answer_rows(SweepData("s", "0", "p", "FINISHED", "file:///x", None, trials)) == []
+
+
+def test_an_answer_without_spread_makes_no_claim_and_says_why():
+    from dashboards.answers import _row, answers_markdown
+    from dashboards.paired import paired_difference
+
+    # two seeds, test accuracy quantised: both moved by one question in 550
+    d = paired_difference({0: 0.5018, 1: 0.7018}, {0: 0.5, 1: 0.7})
+    row = _row("b", "λ = 1 vs λ = 0", "test", "accuracy", d)
+    assert row["low"] is None and row["high"] is None
+    assert row["verdict"] == "cannot tell (all 2 differences equal: no interval)"
+    md = answers_markdown([row])
+    assert "+0.0018 (no interval)" in md and "[," not in md

@@ -49,6 +49,24 @@ def test_too_few_pairs():
     assert math.isclose(one.mean, 0.5)
 
 
+def test_no_spread_is_no_interval_and_no_claim_from_few_seeds():
+    # two seeds whose quantised accuracies moved by the same step: the t-interval would be
+    # the point [+0.0018, +0.0018] and claim "better"
+    two = paired_difference({0: 0.5018, 1: 0.6018}, {0: 0.5, 1: 0.6})
+    assert two.no_spread and two.low is None and two.high is None
+    assert two.verdict() == "cannot tell" and two.rules_out() is None
+    assert "no interval" in two.text()
+    # zero differences: cannot tell, and nothing is ruled out
+    same = paired_difference({s: 0.7 for s in range(8)}, {s: 0.7 for s in range(8)})
+    assert same.no_spread and same.verdict() == "cannot tell" and same.rules_out() is None
+    # the exact sign test decides instead: 5 equal moves p = 0.0625, 6 p = 0.031
+    five = paired_difference({s: 0.1 for s in range(5)}, {s: 0.0 for s in range(5)})
+    six = paired_difference({s: 0.1 for s in range(6)}, {s: 0.0 for s in range(6)})
+    assert five.verdict() == "cannot tell"
+    assert six.verdict() == "better" and six.verdict(sign=-1) == "worse"
+    assert stats.binomtest(6, 6).pvalue < 0.05 <= stats.binomtest(5, 5).pvalue
+
+
 def _sweep(rows):
     """A synthetic sweep: (λ, k, seed, accuracy, retained) per trial."""
     from dashboards.data import SweepData, Trial
