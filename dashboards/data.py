@@ -129,6 +129,8 @@ class SweepData:
     spec: SpecLike | None
     trials: list[Trial]
     client: MlflowClient | None = None
+    # the exported folders (``sweeper report``'s CSVs) it was read from; empty from MLflow
+    sources: tuple[str, ...] = ()
 
     def load_histories(self, trials: list[Trial], keys: tuple[str, ...]) -> None:
         """Fill ``history`` of these trials (at most ``max_points`` per key, evenly spaced)."""

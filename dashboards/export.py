@@ -71,7 +71,9 @@ def read_data(folder: str | Path) -> SweepData:
                 np.array([s for s, _ in pts]),
                 np.array([v for _, v in pts], dtype=float),
             )
-    return SweepData(folder.name, "", "", "FINISHED", "", None, list(trials.values()))
+    return SweepData(
+        folder.name, "", "", "FINISHED", "", None, list(trials.values()), sources=(str(folder),)
+    )
 
 
 def _read_trials(path: Path) -> dict[str, Trial]:
@@ -134,4 +136,5 @@ def pool(sweeps: list[SweepData]) -> SweepData:
                 seen[at] = data.sweep_id
     name = " + ".join(d.sweep_id for d in sweeps)
     trials = [t for d in sweeps for t in d.trials]
-    return SweepData(name, "", "", "FINISHED", "", None, trials)
+    sources = tuple(s for d in sweeps for s in d.sources)
+    return SweepData(name, "", "", "FINISHED", "", None, trials, sources=sources)

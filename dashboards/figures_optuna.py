@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from dashboards.data import SweepData
-from dashboards.figures import _Skip
+from dashboards.figures import _NotApplicable, _Skip
 from dashboards.stats import _last
 
 
@@ -52,6 +52,8 @@ def fig_optuna(data: SweepData, kind: str):
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if data.sources:
+        raise _NotApplicable("exported data: no search space to rebuild a study on")
     st = study(data)
     complete = [] if st is None else st.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     plot = {

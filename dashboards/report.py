@@ -146,15 +146,15 @@ def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], bytes | None
 
 def write_answers(folders: list[str | Path], out: str | Path) -> list[dict]:
     """The note's answers from exported report data (``sweeper report``'s trials.csv and
-    histories.csv), several sweeps of one design pooled: answers.json, answers.md and
-    paired_differences.png in ``out``; returns the rows."""
+    histories.csv), several sweeps of one design pooled, and the report of the pool:
+    answers.json, answers.md, report.html with its figures (paired_differences.png,
+    probe_retained.png, grad_norm_ratio.png, ...) and the pooled trials.csv and
+    histories.csv in ``out``; returns the rows."""
     data = pool([read_data(f) for f in folders])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, _ = _write_answers(data, out)
-    if not rows:
+    if not answer_rows(data):
         raise ReportError(f"{data.sweep_id}: nothing to answer (no histories of the measures)")
-    return rows
+    render(data, Path(out))
+    return json.loads((Path(out) / "answers.json").read_text())
 
 
 def write_report(

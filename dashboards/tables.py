@@ -193,7 +193,9 @@ def _summary(data: SweepData) -> list[list[str]]:
         top = pick(best.values(), key=lambda t: _last(t, data.metric))
     rows = [
         ["sweep", data.sweep_id],
-        ["parent run", f"{data.parent_run_id} ({data.parent_status})"],
+        ["parent run", f"{data.parent_run_id} ({data.parent_status})"]
+        if not data.sources
+        else ["pooled from", ", ".join(data.sources)],
         ["trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"],
         [
             "objective",
@@ -201,7 +203,7 @@ def _summary(data: SweepData) -> list[list[str]]:
             if data.spec
             else f"{data.mode} {data.metric}",
         ],
-        ["tracking", data.tracking_uri],
+        ["tracking", data.tracking_uri or "(none: exported data)"],
         ["built", time.strftime("%Y-%m-%d %H:%M:%S %Z")],
     ]
     if top is not None:

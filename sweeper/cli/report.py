@@ -93,7 +93,8 @@ def answers(
     ),
 ) -> None:
     """The note's answers (a-e, paired by seed) from reports' exported data, without the
-    MLflow store; several sweeps of one design (say, one per k) are pooled."""
+    MLflow store; several sweeps of one design (say, one per k) are pooled, and the pool
+    gets its own report (report.html, its figures, the pooled CSVs)."""
     from dashboards.data import ReportError
     from dashboards.report import write_answers
 
@@ -102,3 +103,4 @@ def answers(
     except ReportError as e:
         _fail([str(e)])
     console.print(f"answers: {output / 'answers.md'} ({len(rows)} rows; and answers.json)")
+    console.print(f"report of the pool: {output / 'report.html'}")

@@ -83,6 +83,16 @@ def test_two_sweeps_of_one_design_pool_into_the_whole_answer(exported, tmp_path)
     assert result.exit_code == 0, result.output
     key = lambda r: (r["question"], r["at"], r["quantity"])  # noqa: E731
     _same(sorted(whole, key=key), sorted(pooled, key=key), tol=1e-12)
+    # the pool gets its own report: the note's figures, its sources named, and no Optuna
+    # figures (exported data keeps no search space), and its CSVs read back the same
+    out = tmp_path / "pooled"
+    for png in ("probe_retained", "grad_norm_ratio", "accuracy_vs_lambda", "paired_differences"):
+        assert (out / f"{png}.png").is_file(), png
+    page = (out / "report.html").read_text()
+    assert f"pooled from</td><td>{k1}, {k4}" in page and "Optuna" not in page
+    assert "report.html" in result.output
+    _, again = _answers(out, out=tmp_path / "again")
+    _same(pooled, again, tol=1e-5)
 
 
 def test_trials_that_cannot_be_paired_are_refused_with_the_reason(exported, tmp_path):
