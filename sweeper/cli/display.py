@@ -91,6 +91,7 @@ class _Display:
         # Trials already known (a resumed or followed sweep) are not announced again.
         self.seen = {tid: row.get("status") for tid, row in state.get("trials", {}).items()}
         self.ended0 = sum(s in TRIAL_ENDED for s in self.seen.values())
+        self.peak = 0  # the most trials seen running at once: the sweep's parallelism
         self.t0 = time.monotonic()
         if console.is_terminal:
             from rich.live import Live
@@ -116,6 +117,7 @@ class _Display:
         trials = state.get("trials", {})
         ended = sum(r.get("status") in TRIAL_ENDED for r in trials.values())
         running = sum(r.get("status") == "running" for r in trials.values())
+        self.peak = max(self.peak, running)
         if self.live is not None:
             title = _summary(state) + self.left(ended, time.monotonic() - self.t0, running)
             self.live.update(trials_table(state, title=title))
@@ -156,9 +158,10 @@ class _Display:
     def left(self, ended: int, secs: float, running: int = 0) -> str:
         """The time the trials not yet ended would take at the pace of those that ended
         while shown (a resumed sweep's earlier ones are not counted); empty until as many
-        have ended as are running (a first end among parallel trials is no pace yet)."""
+        have ended as run at once (a first end among parallel trials is no pace yet, even
+        when its successor has not started and only the other one shows as running)."""
         done = ended - self.ended0
-        if not self.total or done < max(1, running) or ended >= self.total:
+        if not self.total or done < max(1, running, self.peak) or ended >= self.total:
             return ""
         mins = round(secs / done * (self.total - ended) / 60)
         if mins < 1:

@@ -238,6 +238,31 @@ def test_the_time_left_is_the_pace_of_the_trials_ended_while_shown():
     assert cli._Display({"trials": {}}).left(1, 60) == ""  # no total known
 
 
+def test_no_time_left_from_the_first_of_two_parallel_trials(monkeypatch):
+    """As a k = 4 sweep showed it: 2 trials run; the first ends before the next starts,
+    so only one shows as running. One end among two at once is no pace yet."""
+    from rich.console import Console
+
+    from sweeper.cli import display as cli
+
+    out = Console(record=True, width=200, force_terminal=False)
+    monkeypatch.setattr(cli, "console", out)
+
+    def row(tid, status):
+        return {"id": tid, "status": status, "params": {"reg_constant": 1.0}, "seed": 0}
+
+    def state(a, b):
+        return {"id": "s", "status": "running", "trials": {"a": row("a", a), "b": row("b", b)}}
+
+    with cli._Display({"id": "s", "status": "running", "trials": {}}, total=12) as shown:
+        shown.update(state("running", "running"))
+        shown.update(state("finished", "running"))
+        shown.update(state("finished", "finished"))
+    lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
+    assert "1/12 ended | trial a finished" in lines[2], lines
+    assert "2/12 ended (" in lines[3] and "left at this pace) | trial b finished" in lines[3]
+
+
 def test_a_line_for_a_trial_without_figures_or_with_an_empty_error():
     from sweeper.cli import display as cli
 
