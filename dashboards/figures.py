@@ -194,10 +194,11 @@ def fig_retained(data: SweepData):
         by_k.setdefault(r["k"], []).append(r)
     for i, (k, rows) in enumerate(sorted(by_k.items())):
         rows.sort(key=lambda r: r["lam"])
+        # no interval (no spread) is drawn as none: NaN, not a zero-width bar
         ax_d.errorbar(
             [r["lam"] * 1.04**i for r in rows],  # dodged, so the k's intervals don't overlap
             [r["diff"].mean for r in rows],
-            yerr=[r["diff"].half or 0.0 for r in rows],
+            yerr=[np.nan if r["diff"].half is None else r["diff"].half for r in rows],
             marker="o",
             capsize=3,
             color=COLOURS[i % len(COLOURS)],
@@ -339,7 +340,7 @@ def fig_compare(sweeps: list[SweepData]):
 def fig_paired(rows: list[dict]):
     """The between-configuration differences (b, c, e) as intervals around 0, one panel per
     quantity; returns (figure, points drawn)."""
-    shown = [r for r in rows if r["question"] in "bce" and r["low"] is not None]
+    shown = [r for r in rows if r["question"] in "bce"]
     quantities = list(dict.fromkeys(r["quantity"] for r in shown))
     if not quantities:
         return None, 0
@@ -350,18 +351,22 @@ def fig_paired(rows: list[dict]):
         mine = [r for r in shown if r["quantity"] == qty]
         ys = np.arange(len(mine))
         mean = np.array([r["mean"] for r in mine])
-        err = np.array(
-            [[r["mean"] - r["low"] for r in mine], [r["high"] - r["mean"] for r in mine]]
-        )
         colours = ["tab:gray" if r["verdict"].startswith("cannot") else "tab:blue" for r in mine]
-        for y, m, lo, hi, c in zip(ys, mean, err[0], err[1], colours, strict=True):
-            ax.errorbar([m], [y], xerr=[[lo], [hi]], fmt="none", ecolor=c, capsize=3)
-        ax.scatter(mean, ys, c=colours, zorder=3, s=18)
+        for y, r, c in zip(ys, mine, colours, strict=True):
+            if r["low"] is None:  # no interval (too few seeds, or no spread): a hollow mark
+                ax.scatter([r["mean"]], [y], facecolors="none", edgecolors=c, zorder=3, s=30)
+                continue
+            err = [[r["mean"] - r["low"]], [r["high"] - r["mean"]]]
+            ax.errorbar([r["mean"]], [y], xerr=err, fmt="none", ecolor=c, capsize=3)
+            ax.scatter([r["mean"]], [y], c=[c], zorder=3, s=18)
         ax.axvline(0, color="black", lw=0.8, ls=":")
         ax.set_yticks(
             ys, [f"{r['question']}: {r['comparison']} ({r['at']})" for r in mine], fontsize=7
         )
-        ax.set_title(f"{qty}: paired difference, 95% interval (grey: cannot tell)", fontsize=9)
+        ax.set_title(
+            f"{qty}: paired difference, 95% interval (grey: cannot tell; hollow: no interval)",
+            fontsize=9,
+        )
         ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return fig, len(shown)

@@ -75,7 +75,12 @@ def paired_difference(
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDifference(1, mean, None, None, tuple(seeds))
-    if max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(mean)):
+    # Measures are float32 (accuracy) and exports keep 6 digits, so "the same difference"
+    # is equal to that precision, not to the last bit: two seeds that each moved by one
+    # question in 550 differ by ~1e-7 and would make a near-point t-interval
+    tol = 1e-5 * max(1.0, *(abs(float(v)) for s in seeds for v in (a[s], b[s])))
+    if max(diffs) - min(diffs) <= tol:
+        mean = 0.0 if abs(mean) <= tol else mean
         return PairedDifference(len(diffs), mean, None, None, tuple(seeds), no_spread=True)
     sd = statistics.stdev(diffs)
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))

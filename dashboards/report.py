@@ -150,11 +150,18 @@ def write_answers(folders: list[str | Path], out: str | Path) -> list[dict]:
     answers.json, answers.md, report.html with its figures (paired_differences.png,
     probe_retained.png, grad_norm_ratio.png, ...) and the pooled trials.csv and
     histories.csv in ``out``; returns the rows."""
+    out = Path(out)
+    for f in folders:
+        if out.resolve() == Path(f).resolve():
+            raise ReportError(
+                f"{out}: is one of the folders pooled; its trials.csv would be overwritten by "
+                "the pool's (write the answers to another folder)"
+            )
     data = pool([read_data(f) for f in folders])
     if not answer_rows(data):
         raise ReportError(f"{data.sweep_id}: nothing to answer (no histories of the measures)")
-    render(data, Path(out))
-    return json.loads((Path(out) / "answers.json").read_text())
+    render(data, out)
+    return json.loads((out / "answers.json").read_text())
 
 
 def write_report(

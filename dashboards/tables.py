@@ -102,7 +102,13 @@ def _versus(conf: dict, base: dict, key: str, sign: int) -> dict[str, Any]:
     Welch's unpaired interval only where they share fewer than 2 seeds."""
     d = paired_difference(by_seed(conf, key), by_seed(base, key))
     if d is not None and d.n >= 2:
-        return {"diff": d.mean, "diff_half": d.half, "verdict": d.verdict(sign), "paired": d.n}
+        return {
+            "diff": d.mean,
+            "diff_half": d.half,
+            "verdict": d.verdict(sign),
+            "paired": d.n,
+            "no_spread": d.no_spread,
+        }
     values, base_v = conf[key], base[key]
     diff = statistics.fmean(values) - statistics.fmean(base_v)
     half_d = _welch_half(values, base_v)
@@ -158,10 +164,10 @@ def _trial_rows(data: SweepData, mlflow_ui_url: str | None) -> tuple[list[str], 
     head = ["trial", "state", "λ", "k", *extra, "seed", "step", *keys, "MLflow run", "error"]
     rows = []
     for t in data.trials:
-        link = t.run_id
+        link = html.escape(t.run_id)  # from MLflow, or from a CSV anyone may have edited
         if mlflow_ui_url:
             url = f"{mlflow_ui_url.rstrip('/')}/#/experiments/{data.experiment_id}/runs/{t.run_id}"
-            link = f'<a href="{html.escape(url)}">{t.run_id[:12]}</a>'
+            link = f'<a href="{html.escape(url)}">{html.escape(t.run_id[:12])}</a>'
         rows.append(
             [
                 t.trial_id,
@@ -336,5 +342,7 @@ def _baseline_table(data: SweepData) -> str:
 def _diff_cell(r: dict[str, Any]) -> str:
     """A difference ± its 95% half-width, and whether it was paired by seed."""
     half = "" if r["diff_half"] is None else f" ± {r['diff_half']:.4f}"
+    if r.get("no_spread"):
+        half = " (every seed the same difference: no interval)"
     how = f" (paired, {r['paired']} seeds)" if r.get("paired") else " (unpaired)"
     return f"{r['diff']:+.4f}{half}{how}"

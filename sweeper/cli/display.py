@@ -91,7 +91,8 @@ class _Display:
         # Trials already known (a resumed or followed sweep) are not announced again.
         self.seen = {tid: row.get("status") for tid, row in state.get("trials", {}).items()}
         self.ended0 = sum(s in TRIAL_ENDED for s in self.seen.values())
-        self.peak = 0  # the most trials seen running at once: the sweep's parallelism
+        # the most trials seen running at once: the sweep's parallelism
+        self.peak = sum(s == "running" for s in self.seen.values())
         self.t0 = time.monotonic()
         if console.is_terminal:
             from rich.live import Live

@@ -96,6 +96,9 @@ def test_two_sweeps_of_one_design_pool_into_the_whole_answer(exported, tmp_path)
 
 
 def test_trials_that_cannot_be_paired_are_refused_with_the_reason(exported, tmp_path):
+    result, _ = _answers(exported, out=exported)  # would overwrite its own trials.csv
+    assert result.exit_code != 0 and "is one of the folders pooled" in result.output
+    assert (exported / "answers.json").is_file() and (exported / "report.html").is_file()
     result, _ = _answers(exported, exported, out=tmp_path / "twice")
     assert result.exit_code != 0 and "counts twice" in result.output
     # one folder whose trials differ in a field besides λ and k: not merged into one config
@@ -129,3 +132,13 @@ def test_a_trial_cut_short_does_not_block_its_rerun(exported, tmp_path):
     (cut / "trials.csv").write_text(text)
     result, _ = _answers(k1, cut, out=tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+def test_a_crafted_csv_cannot_put_markup_in_the_report(exported, tmp_path):
+    """The pool's report.html is built from CSVs anyone may have edited: cells escaped."""
+    evil = _split(exported, tmp_path / "evil", lambda r: True)
+    _edit(evil, lambda rows: rows[0].update({"run_id": "<script>alert(1)</script>"}))
+    result, _ = _answers(evil, out=tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page

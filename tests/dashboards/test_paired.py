@@ -67,6 +67,23 @@ def test_no_spread_is_no_interval_and_no_claim_from_few_seeds():
     assert stats.binomtest(6, 6).pvalue < 0.05 <= stats.binomtest(5, 5).pvalue
 
 
+def test_no_spread_is_judged_at_the_data_s_precision():
+    """Accuracies are float32 and exports keep 6 digits: the same one-question step at two
+    accuracy levels differs in the 7th digit, which must not make a near-point interval."""
+    import numpy as np
+
+    f32 = lambda k: float(np.float32(k) / np.float32(542))  # noqa: E731
+    six = lambda k: float(f"{k / 550:.6g}")  # noqa: E731
+    for acc in (f32, six):
+        d = paired_difference({0: acc(250), 1: acc(300)}, {0: acc(249), 1: acc(299)})
+        assert d.no_spread and d.verdict() == "cannot tell", d
+    # a mean inside that precision is no difference at all, whatever the seeds
+    tiny = paired_difference({s: 0.0 for s in range(6)}, {s: 1e-13 * (s == 5) for s in range(6)})
+    assert tiny.mean == 0.0 and tiny.verdict() == "cannot tell"
+    # a real spread stays a t-interval
+    assert not paired_difference({0: 0.5, 1: 0.6}, {0: 0.49, 1: 0.58}).no_spread
+
+
 def _sweep(rows):
     """A synthetic sweep: (λ, k, seed, accuracy, retained) per trial."""
     from dashboards.data import SweepData, Trial

@@ -261,6 +261,10 @@ def test_no_time_left_from_the_first_of_two_parallel_trials(monkeypatch):
     lines = [ln for ln in out.export_text().splitlines() if "| trial " in ln]
     assert "1/12 ended | trial a finished" in lines[2], lines
     assert "2/12 ended (" in lines[3] and "left at this pace) | trial b finished" in lines[3]
+    # followed (or resumed) while both already run: the first update is already an end
+    shown = cli._Display(state("running", "running"), total=12)
+    shown.update(state("finished", "running"))
+    assert "1/12 ended | trial a finished" in out.export_text().splitlines()[-1]
 
 
 def test_a_line_for_a_trial_without_figures_or_with_an_empty_error():
