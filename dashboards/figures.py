@@ -350,7 +350,6 @@ def fig_paired(rows: list[dict]):
     for ax, qty in zip(axes[:, 0], quantities, strict=True):
         mine = [r for r in shown if r["quantity"] == qty]
         ys = np.arange(len(mine))
-        mean = np.array([r["mean"] for r in mine])
         colours = ["tab:gray" if r["verdict"].startswith("cannot") else "tab:blue" for r in mine]
         for y, r, c in zip(ys, mine, colours, strict=True):
             if r["low"] is None:  # no interval (too few seeds, or no spread): a hollow mark
