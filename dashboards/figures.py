@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from dashboards.data import SweepData, Trial
@@ -138,43 +139,97 @@ def fig_curves(data: SweepData):
     return fig, n
 
 
+def _grad_curves(t: Trial) -> tuple | None:
+    """A trial's steps, unweighted |∇reg| / |∇lm|, the λ in force and cos(∇lm, ∇reg)."""
+    h = t.history
+    if not {"train/grad_norm_lm", "train/grad_norm_reg"} <= h.keys():
+        return None
+    steps, g_lm = h["train/grad_norm_lm"]
+    g_reg = np.interp(steps, *h["train/grad_norm_reg"])
+    lam = (
+        np.interp(steps, *h["train/reg_constant"])
+        if "train/reg_constant" in h
+        else np.full(len(steps), t.reg_constant)
+    )
+    cos = np.interp(steps, *h[GRAD_COS]) if GRAD_COS in h else np.full(len(steps), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(g_lm > 0, g_reg / g_lm, np.nan)
+    return steps, ratio, lam, cos
+
+
+def _grad_groups(data: SweepData) -> dict[str, list[Trial]]:
+    """The curves to draw: with repeats (at most 8 configurations), each configuration's
+    seeds together (their mean is drawn); else the trials ``_shown`` picks, one each."""
+    confs: dict[str, list[Trial]] = {}
+    differing = _differing(data)
+    for t in data.trials:
+        if t.history:
+            others = {k: v for k, v in t.params.items() if k in differing}
+            confs.setdefault(_conf_label(others) or "all", []).append(t)
+    if len(confs) <= 8 and any(len(ts) > 1 for ts in confs.values()):
+        return dict(sorted(confs.items()))
+    return {label: [t] for label, t in _shown(data).items()}
+
+
+def _differing(data: SweepData) -> set[str]:
+    """The parameters that differ between trials, but the seed: what a configuration is."""
+    keys = {k for t in data.trials for k in t.params} - {"seed", "device"}
+    return {k for k in keys if len({t.params.get(k) for t in data.trials}) > 1}
+
+
+def _smooth(y: np.ndarray, width: int = 20) -> np.ndarray:
+    """A centred moving average (the cosine is noisy step to step), over the points there
+    are: the window shrinks at the ends instead of averaging in zeros."""
+    if len(y) < width:
+        return y
+    kernel = np.ones(width)
+    finite = np.isfinite(y)
+    total = np.convolve(np.where(finite, y, 0.0), kernel, mode="same")
+    count = np.convolve(finite.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore"):
+        return total / count
+
+
 def fig_grad_ratio(data: SweepData):
+    """Which loss drives the projector: |∇reg| / |∇lm| on its parameters (solid; dashed:
+    times the λ in force, the pull the reg term actually exerts) and the cosine between
+    the two gradients, per configuration as the mean over its seeds."""
     fig, (ax, ax_cos) = plt.subplots(1, 2, figsize=(14, 4.5))
     n = 0
-    for i, (label, t) in enumerate(_shown(data).items()):
-        if GRAD_COS in t.history:
-            steps, cos = t.history[GRAD_COS]
-            ax_cos.plot(steps, cos, lw=1, color=COLOURS[i % len(COLOURS)], label=label)
-            n += len(steps)
-        h = t.history
-        if not {"train/grad_norm_lm", "train/grad_norm_reg"} <= h.keys():
+    for i, (label, trials) in enumerate(_grad_groups(data).items()):
+        curves = [c for c in map(_grad_curves, trials) if c is not None]
+        if not curves:
             continue
-        steps, g_lm = h["train/grad_norm_lm"]
-        s_reg, g_reg = h["train/grad_norm_reg"]
-        if "train/reg_constant" in h:
-            lam = np.interp(steps, *h["train/reg_constant"])
-        else:
-            lam = np.full(len(steps), t.reg_constant)
-        g_reg = np.interp(steps, s_reg, g_reg)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = lam * g_reg / g_lm
+        c = COLOURS[i % len(COLOURS)]
+        steps = curves[0][0]
+        ratio, lam, cos = (
+            np.nanmean([np.interp(steps, cv[0], cv[j]) for cv in curves], axis=0) for j in (1, 2, 3)
+        )
+        seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
         ok = np.isfinite(ratio) & (ratio > 0)
         if ok.any():
-            ax.plot(steps[ok], ratio[ok], lw=1, color=COLOURS[i % len(COLOURS)], label=label)
+            ax.plot(steps[ok], ratio[ok], lw=1, color=c, label=label + seeds)
             n += int(ok.sum())
+            weighted = ok & (lam > 0) & ~np.isclose(lam, 1.0)
+            if weighted.any():
+                ax.plot(steps[weighted], (lam * ratio)[weighted], lw=1, ls="--", color=c)
+        if np.isfinite(cos).any():
+            ax_cos.plot(steps, _smooth(cos), lw=1, color=c, label=label + seeds)
+            n += len(steps)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("λ · |∇ reg| / |∇ lm|")
-    ax.set_title("Which loss drives the projector (above 1: the reg loss)")
+    ax.set_ylabel("|∇ reg| / |∇ lm| on the projector")
+    ax.set_title("Which loss drives the projector (dashed: × λ; above 1: the reg loss)")
     ax.grid(True, which="both", alpha=0.3)
     ax_cos.axhline(0.0, color="black", lw=0.8, ls=":")
     ax_cos.set_xlabel("step")
-    ax_cos.set_ylabel("cos(∇ lm, ∇ reg)")
+    ax_cos.set_ylabel("cos(∇ lm, ∇ reg), 20-step moving mean")
     ax_cos.set_title("Do the two losses pull together (> 0) or apart (< 0)?")
     ax_cos.grid(True, alpha=0.3)
     if n:
         ax.legend(fontsize=7)
+        ax_cos.legend(fontsize=7)
     fig.tight_layout()
     return fig, n
 
@@ -208,6 +263,12 @@ def fig_retained(data: SweepData):
     ax_d.axhline(0.0, color="black", lw=0.8)
     if by_k:
         ax_d.set_xscale("log")
+        # ticks at the λ run, and room either side: with one λ the dodge alone spans 4%,
+        # and matplotlib would label that span as 1.005×10^0, 1.01×10^0, ...
+        lams = sorted({r["lam"] for rows in by_k.values() for r in rows})
+        ax_d.set_xlim(lams[0] / 2, lams[-1] * 2 * 1.04 ** len(by_k))
+        ax_d.set_xticks(lams, [f"{lam:g}" for lam in lams])
+        ax_d.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax_d.legend(fontsize=8)
     ax_d.set_xlabel("reg constant λ")
     ax_d.set_ylabel("retained(λ) − retained(0), same seed")

@@ -176,3 +176,27 @@ def test_an_answer_without_spread_makes_no_claim_and_says_why():
     assert row["verdict"] == "cannot tell (all 2 differences equal: no interval)"
     md = answers_markdown([row])
     assert "+0.0018 (no interval)" in md and "[," not in md
+
+
+def test_the_gradient_figure_draws_each_configuration_s_seed_mean():
+    """d's figure: one curve per configuration (λ, k), the mean over its 8 seeds, of the
+    unweighted ratio, so λ = 0 (whose weighted pull is 0) is drawn too."""
+    from dashboards.figures import _grad_groups, _smooth, fig_grad_ratio, plt
+
+    data = _sweep()
+    groups = _grad_groups(data)
+    assert sorted(groups) == [
+        "λ=0.0, k=1",
+        "λ=0.0, k=4",
+        "λ=1.0, k=1",
+        "λ=1.0, k=4",
+    ] and all(len(ts) == 8 for ts in groups.values())
+    fig, n = fig_grad_ratio(data)
+    ax, ax_cos = fig.axes
+    ratio = next(ln for ln in ax.get_lines() if ln.get_label() == "λ=0.0, k=1 (8 seeds)")
+    assert ratio.get_ydata()[0] == pytest.approx(0.1, abs=1e-3)  # 0.2 / 2.0 at step 1
+    assert ratio.get_ydata()[-1] == pytest.approx(0.3, abs=1e-3)
+    assert len(ax_cos.get_lines()) == 4 + 1 and n == 4 * 400 * 2  # 4 curves each, and y = 0
+    plt.close(fig)
+    # the moving mean shrinks its window at the ends rather than averaging in zeros
+    assert _smooth(np.ones(100))[0] == pytest.approx(1.0)
