@@ -33,13 +33,13 @@ from dashboards.figures import (
     fig_compare,
     fig_curves,
     fig_final_losses,
-    fig_grad_ratio,
     fig_paired,
     fig_pareto,
     fig_retained,
     fig_variants,
     plt,
 )
+from dashboards.figures_grad import fig_grad_ratio
 from dashboards.figures_optuna import fig_optuna
 from dashboards.html import _LOADED, _SCRIPT, _STYLE, _table
 from dashboards.paired import baseline_rows

@@ -181,7 +181,8 @@ def test_an_answer_without_spread_makes_no_claim_and_says_why():
 def test_the_gradient_figure_draws_each_configuration_s_seed_mean():
     """d's figure: one curve per configuration (λ, k), the mean over its 8 seeds, of the
     unweighted ratio, so λ = 0 (whose weighted pull is 0) is drawn too."""
-    from dashboards.figures import _grad_groups, _smooth, fig_grad_ratio, plt
+    from dashboards.figures import plt
+    from dashboards.figures_grad import _grad_groups, _smooth, fig_grad_ratio
 
     data = _sweep()
     groups = _grad_groups(data)
