@@ -2,7 +2,7 @@
 
 Figures (matplotlib, drawn headless): accuracy vs λ per token-expansion factor (mean over
 seeds, 95% t-interval, the λ = 0 baseline marked); final LM and reg losses vs λ; both loss
-curves over steps with the λ in force; the gradient-norm ratio λ·|∇reg| / |∇lm| that says
+curves over steps with the λ in force; the gradient-norm ratio |∇reg| / |∇lm| that says
 which loss drives the projector; Optuna's optimisation history, parameter importances
 and parallel coordinates (a study rebuilt from the MLflow records); for a multi-objective
 sweep its Pareto set; for a sweep over projector variants (or any categorical field) each
