@@ -34,8 +34,8 @@ class TrainerConfig(BaseModel):
     )
     dataset: str = Field(
         "digits",
-        description="Builtin alias (digits, digits-patches) or a local dataset directory "
-        "(embeddings.npy + examples.jsonl, see docs/datasets.md).",
+        description="Builtin alias (digits, digits-patches, digits-factors) or a local dataset "
+        "directory (embeddings.npy + examples.jsonl, see docs/datasets.md).",
     )
 
     # --- the two knobs under study -----------------------------------------------------
@@ -190,8 +190,9 @@ class TrainerConfig(BaseModel):
     )
     lm_path: Literal["fast", "reference"] = Field(
         "fast",
-        description="'fast': question first with its KV cache computed once, logits only at "
-        "answer tokens. 'reference': image tokens first, full sequence, full logits.",
+        description="'fast': the fixed prefix's KV cache computed once (the question under "
+        "question_first, 'Image:' under image_first), logits only at answer tokens. "
+        "'reference': image tokens first, full sequence, full logits.",
     )
 
     balance_lr: float | None = Field(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer import metrics as M
 from trainer.batches import QuestionGroups, normalise
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
@@ -237,25 +238,25 @@ def train(
         sched.step()
 
         metrics = {
-            "train/loss_reg": loss_reg.item(),
-            "train/reg_constant": lam,
-            "train/grad_norm_reg": grad_norm_reg,
-            "train/lr": sched.get_last_lr()[0],
-            "train/proj_token_norm": tokens.detach().float().norm(dim=-1).mean().item(),
-            "train/lm_token_norm": lm_token_norm,
+            M.LOSS_REG: loss_reg.item(),
+            M.REG_CONSTANT: lam,
+            M.GRAD_NORM_REG: grad_norm_reg,
+            M.LR: sched.get_last_lr()[0],
+            M.PROJ_TOKEN_NORM: tokens.detach().float().norm(dim=-1).mean().item(),
+            M.LM_TOKEN_NORM: lm_token_norm,
         }
         if ae:  # the autoencoder stage's objective is the reconstruction loss alone
-            metrics["train/loss_total"] = loss_reg.item()
+            metrics[M.LOSS_TOTAL] = loss_reg.item()
         else:
-            metrics["train/loss_lm"] = loss_lm.item()
-            metrics["train/loss_total"] = w_lm * loss_lm.item() + lam * w_reg * loss_reg.item()
-            metrics["train/grad_norm_lm"] = grad_norm_lm
+            metrics[M.LOSS_LM] = loss_lm.item()
+            metrics[M.LOSS_TOTAL] = w_lm * loss_lm.item() + lam * w_reg * loss_reg.item()
+            metrics[M.GRAD_NORM_LM] = grad_norm_lm
             if grad_cos is not None:
-                metrics["train/grad_cos"] = grad_cos
+                metrics[M.GRAD_COS] = grad_cos
             if projector.aux_loss is not None:
-                metrics["train/moe_aux_loss"] = projector.aux_loss.item()
+                metrics[M.MOE_AUX_LOSS] = projector.aux_loss.item()
             if cfg.reg_balance != "none":
-                metrics["train/balance_lm"], metrics["train/balance_reg"] = w_lm, w_reg
+                metrics[M.BALANCE_LM], metrics[M.BALANCE_REG] = w_lm, w_reg
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             metrics.update(evaluate())
         if step == cfg.max_steps and cfg.test_at_end:

@@ -13,6 +13,13 @@ REG_CONSTANT = "train/reg_constant"  # the λ in force that step
 GRAD_NORM_LM = "train/grad_norm_lm"  # each loss's gradient norm on the projector
 GRAD_NORM_REG = "train/grad_norm_reg"
 GRAD_COS = "train/grad_cos"  # cosine between the two losses' gradients on the projector
+LR = "train/lr"
+PROJ_TOKEN_NORM = "train/proj_token_norm"
+LM_TOKEN_NORM = "train/lm_token_norm"
+# Only with some trainer fields: reg_balance other than none, the moe projector.
+BALANCE_LM = "train/balance_lm"
+BALANCE_REG = "train/balance_reg"
+MOE_AUX_LOSS = "train/moe_aux_loss"
 
 # On evaluation steps (step 0 included).
 ACCURACY = "val/accuracy"
@@ -32,10 +39,11 @@ TRAIN_METRICS = (
     GRAD_NORM_LM,
     GRAD_NORM_REG,
     GRAD_COS,
-    "train/lr",
-    "train/proj_token_norm",
-    "train/lm_token_norm",
+    LR,
+    PROJ_TOKEN_NORM,
+    LM_TOKEN_NORM,
 )
+OPTIONAL_TRAIN_METRICS = (BALANCE_LM, BALANCE_REG, MOE_AUX_LOSS)
 VAL_METRICS = (
     ACCURACY,
     ACCURACY_CHOICE,
@@ -44,6 +52,7 @@ VAL_METRICS = (
     PROBE_ACCURACY,
     PROBE_CEILING,
     PROBE_RETAINED,
+    PROBE_CHANCE,
 )
 # Families with a per-question suffix: ``<prefix><question_slug(q)>``.
 BY_QUESTION_PREFIXES = (
@@ -61,9 +70,11 @@ def question_slug(text: str) -> str:
 
 
 def is_metric(name: str) -> bool:
-    """Whether the trainer reports a metric of this name (an objective must be one)."""
+    """Whether the trainer reports a metric of this name on the train or validation split
+    (an objective must be one: ``test/`` metrics are for the final claim, never for choosing)."""
     return (
         name in TRAIN_METRICS
+        or name in OPTIONAL_TRAIN_METRICS
         or name in VAL_METRICS
         or any(name.startswith(p) and len(name) > len(p) for p in BY_QUESTION_PREFIXES)
     )

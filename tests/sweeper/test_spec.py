@@ -469,3 +469,21 @@ def test_spec_bounds_name_their_field(tiny_spec, sections, path):
     with pytest.raises(ValidationError) as e:
         SweepSpec.model_validate(tiny_spec(**sections))
     assert format_spec_errors(e.value)[0].startswith(f"{path}: ")
+
+
+def test_every_documented_train_and_val_metric_can_be_an_objective_and_test_cannot(tiny_spec):
+    """docs/trainer.md's metric table and the objective's check name the same metrics."""
+    import re
+
+    from trainer.metrics import is_metric
+
+    doc = (Path(__file__).parents[2] / "docs" / "trainer.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    names = {
+        n for row in rows for n in re.findall(r"`((?:train|val)/[a-z_]+(?:/<question>)?)`", row)
+    }
+    names = {n.replace("<question>", "what_digit_is_this") for n in names}
+    assert {"train/balance_lm", "train/moe_aux_loss", "val/probe_chance"} <= names
+    assert [n for n in names if not is_metric(n)] == []
+    errors = _errors(tiny_spec(objective={"metric": "test/accuracy"}))
+    assert any(e.startswith("objective.metric: ") for e in errors), errors
