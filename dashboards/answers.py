@@ -116,6 +116,7 @@ def _derived(data: SweepData, t: Trial, trained: list[str]) -> dict[str, float]:
     out: dict[str, float | None] = {
         "retained@0": _at(t, RETAINED, "start"),
         "retained@end": _at(t, RETAINED, "end"),
+        "accuracy@end": _at(t, "val/accuracy", "end"),
         "test retained": t.metrics.get(TEST_RETAINED),
         "test accuracy": t.metrics.get("test/accuracy"),
         "grad ratio early": _ratio(t, "early"),

@@ -49,7 +49,7 @@ def _num(v) -> str:
 # Trainer fields that may differ between trials of one design: the configuration (λ, k),
 # the seed, and the device asked for. (Which machine a trial ran on is not recorded: a
 # pool of sweeps from two machines carries their run-to-run spread, docs/findings.md.)
-_PER_TRIAL = {"reg_constant", "token_expansion", "seed", "device"}
+PER_TRIAL = {"reg_constant", "token_expansion", "seed", "device"}
 
 
 def read_data(folder: str | Path) -> SweepData:
@@ -114,7 +114,7 @@ def pool(sweeps: list[SweepData]) -> SweepData:
     seen: dict[tuple, str] = {}
     for data in sweeps:
         for t in data.trials:
-            fixed = {k: v for k, v in t.params.items() if k not in _PER_TRIAL}
+            fixed = {k: v for k, v in t.params.items() if k not in PER_TRIAL}
             if first is None:
                 first = (data.sweep_id, t.trial_id, fixed)
             elif fixed != first[2]:

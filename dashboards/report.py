@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from dashboards.against import against_rows
 from dashboards.answers import answer_rows, answers_markdown, answers_table
 from dashboards.data import ReadSpec, ReportError, SweepData, load_sweep
 from dashboards.export import pool, read_data, write_data
@@ -144,14 +145,18 @@ def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], bytes | None
     return rows, png
 
 
-def write_answers(folders: list[str | Path], out: str | Path) -> list[dict]:
+def write_answers(
+    folders: list[str | Path], out: str | Path, against: list[str | Path] | None = None
+) -> list[dict]:
     """The note's answers from exported report data (``sweeper report``'s trials.csv and
     histories.csv), several sweeps of one design pooled, and the report of the pool:
     answers.json, answers.md, report.html with its figures (paired_differences.png,
     probe_retained.png, grad_norm_ratio.png, ...) and the pooled trials.csv and
-    histories.csv in ``out``; returns the rows."""
+    histories.csv in ``out``; returns the rows. With ``against`` (the folders of another
+    design, pooled the same way): also against.json and against.md, this design's end
+    points and answers minus that one's, paired by seed (``dashboards.against``)."""
     out = Path(out)
-    for f in folders:
+    for f in [*folders, *(against or [])]:
         if out.resolve() == Path(f).resolve():
             raise ReportError(
                 f"{out}: is one of the folders pooled; its trials.csv would be overwritten by "
@@ -160,7 +165,11 @@ def write_answers(folders: list[str | Path], out: str | Path) -> list[dict]:
     data = pool([read_data(f) for f in folders])
     if not answer_rows(data):
         raise ReportError(f"{data.sweep_id}: nothing to answer (no histories of the measures)")
+    versus = against_rows(data, pool([read_data(f) for f in against])) if against else None
     render(data, out)
+    if versus is not None:
+        (out / "against.json").write_text(json.dumps(versus, indent=1))
+        (out / "against.md").write_text(answers_markdown(versus))
     return json.loads((out / "answers.json").read_text())
 
 

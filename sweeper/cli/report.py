@@ -91,16 +91,27 @@ def answers(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into.")] = Path(
         "answers"
     ),
+    against: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--against",
+            help="Folders of another design (say, fewer steps), pooled the same way: "
+            "against.md compares the end points and answers, paired by seed. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """The note's answers (a-e, paired by seed) from reports' exported data, without the
     MLflow store; several sweeps of one design (say, one per k) are pooled, and the pool
-    gets its own report (report.html, its figures, the pooled CSVs)."""
+    gets its own report (report.html, its figures, the pooled CSVs). With --against, the
+    same seeds of another design too: did, say, doubling the steps move the answers?"""
     from dashboards.data import ReportError
     from dashboards.report import write_answers
 
     try:
-        rows = write_answers(folders, output)
+        rows = write_answers(folders, output, against=against)
     except ReportError as e:
         _fail([str(e)])
     console.print(f"answers: {output / 'answers.md'} ({len(rows)} rows; and answers.json)")
     console.print(f"report of the pool: {output / 'report.html'}")
+    if against:
+        console.print(f"against the other design: {output / 'against.md'} (and against.json)")

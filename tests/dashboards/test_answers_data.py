@@ -142,3 +142,49 @@ def test_a_crafted_csv_cannot_put_markup_in_the_report(exported, tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+
+
+def test_another_design_on_the_same_seeds_compares_end_points_and_answers(exported, tmp_path):
+    """--against: a design that differs in one trainer field (here batch_size), run on the
+    same seeds, whose test retained is planted higher at λ = 1 only, by 0.02 + 0.001·seed."""
+    from sweeper.cli import app
+
+    new = _split(exported, tmp_path / "new", lambda r: True)
+
+    def plant(rows):
+        for r in rows:
+            r["batch_size"] = "32"
+            if r["reg_constant"] == "1.0":
+                r["test/probe_retained"] = str(
+                    float(r["test/probe_retained"]) + 0.02 + 0.001 * int(r["seed"])
+                )
+
+    _edit(new, plant)
+    out = tmp_path / "out"
+    args = ["answers", str(new), "--against", str(exported), "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "against.md" in result.output
+    rows = json.loads((out / "against.json").read_text())
+    assert (out / "against.md").read_text().count("\n") == len(rows) + 2
+    assert {r["comparison"].split(":")[0] for r in rows} == {"batch_size = 32 vs 16"}
+
+    def find(q, at, quantity):
+        (row,) = [r for r in rows if (r["question"], r["at"], r["quantity"]) == (q, at, quantity)]
+        return row
+
+    planted = find("v", "λ = 1.0, k = 4", "test retained")
+    assert planted["mean"] == pytest.approx(0.0235, abs=1e-5) and planted["verdict"] == "higher"
+    assert planted["n"] == 8
+    untouched = find("v", "λ = 0.0, k = 4", "test retained")
+    assert untouched["mean"] == 0 and untouched["verdict"].startswith("cannot tell")
+    assert find("v", "λ = 1.0, k = 1", "accuracy@end")["mean"] == 0
+    # b's answer moved by the planted amount; e's (k = 4 vs 1 at one λ) did not
+    assert find("b", "k = 1", "test retained")["mean"] == pytest.approx(0.0235, abs=1e-5)
+    assert find("b", "k = 1", "test retained")["verdict"] == "higher"
+    assert find("e", "λ = 1.0", "test retained")["mean"] == pytest.approx(0, abs=1e-5)
+    # the same design is pooled, not compared; an input folder is never overwritten
+    result = CliRunner().invoke(app, ["answers", str(new), "--against", str(new), "-o", str(out)])
+    assert result.exit_code != 0 and "ran the same design" in result.output
+    result = CliRunner().invoke(app, ["answers", str(new), "--against", str(out), "-o", str(out)])
+    assert result.exit_code != 0 and "is one of the folders pooled" in result.output
