@@ -2,7 +2,8 @@
 changed) move the end points, and does it move the answers?
 
 ``sweeper answers NEW... --against OLD...`` pools each side as ``sweeper answers`` does
-(each side one design), names the trainer fields in which the two designs differ, and for
+(each side one design), names the trainer fields in which the two designs differ (none: a
+rerun of one design, whose comparison measures the run-to-run spread), and for
 every configuration (λ, k) both ran, paired by seed (seed s: the same initialisation and
 batch order on both sides):
 
@@ -10,7 +11,8 @@ batch order on both sides):
   trained from the start, the retained fraction (validation and test), the delayed
   question's accuracy;
 - the answers themselves: b's and e's per-seed differences (λ > 0 minus λ = 0, k minus the
-  smallest k) on the new side minus the same seed's on the old side. "Cannot tell" there
+  smallest k both sides ran; test accuracy and retained, the trained questions' accuracy,
+  validation retained) on the new side minus the same seed's on the old side. "Cannot tell" there
   says the two designs give the same answer to within the interval.
 """
 
@@ -32,22 +34,16 @@ END_POINTS = [
     "delayed accuracy@end",
 ]
 # (question, field, reference, measures): the answers whose per-seed differences are
-# compared between the designs (as dashboards.answers computes them)
-ANSWERS = (
-    ("b", "reg_constant", 0.0, ["test accuracy", "test retained"]),
-    ("e", "token_expansion", None, ["test accuracy", "test retained"]),
-)
-
-QUESTIONS = {
-    "v": "Does the other design move the end points?",
-    "b": "Does it move b (λ > 0 against λ = 0)?",
-    "e": "Does it move e (each k against the smallest)?",
-}
+# compared between the designs (as dashboards.answers computes them); reference None: the
+# smallest value both sides ran
+ANSWER_MEASURES = ["test accuracy", "test retained", "trained accuracy", "retained@end"]
+ANSWERS = (("b", "reg_constant", 0.0), ("e", "token_expansion", None))
 
 
 def design_difference(new: SweepData, old: SweepData) -> dict[str, tuple[str, str]]:
     """The trainer fields (λ, k, seed and device aside) in which the two pools differ:
-    name -> (new value, old value); refused when they do not differ."""
+    name -> (new value, old value); empty for two runs of one design (a rerun, say on
+    another machine: the comparison then measures the run-to-run spread)."""
 
     def fixed(data: SweepData) -> dict[str, str]:
         trials = _counted(data)
@@ -57,17 +53,12 @@ def design_difference(new: SweepData, old: SweepData) -> dict[str, tuple[str, st
 
     a, b = fixed(new), fixed(old)
     diff = {k: (a.get(k, "(unset)"), b.get(k, "(unset)")) for k in sorted(a.keys() | b.keys())}
-    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-    if not diff:
-        raise ReportError(
-            "the two sides ran the same design: pool them (`sweeper answers A B`) instead"
-        )
-    return diff
+    return {k: v for k, v in diff.items() if v[0] != v[1]}
 
 
 def _per_seed_answer(confs, c, field, ref, key) -> dict | None:
     """seed -> c's value minus its twin's (``field`` at ``ref``), the seeds both ran."""
-    twin = confs.get(_key(c["params"] | {field: type(c["params"][field])(ref)}))
+    twin = confs.get(_key(c["params"] | {field: ref}))
     if twin is None:
         return None
     a, b = c["values"].get(key) or {}, twin["values"].get(key) or {}
@@ -78,7 +69,7 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
     """The rows (as ``answers.answer_rows``'): question "v" for the end points, "b" and "e"
     for the answers, each new minus old, paired by seed."""
     diff = design_difference(new, old)
-    what = ", ".join(f"{k} = {a} vs {b}" for k, (a, b) in diff.items())
+    what = ", ".join(f"{k} = {a} vs {b}" for k, (a, b) in diff.items()) or "rerun vs run"
     new_c = _configs(new, _counted(new))
     old_c = _configs(old, _counted(old))
     rows: list[dict[str, Any]] = []
@@ -93,8 +84,12 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
                 start = sum(b[s] for s in d.seeds) / d.n
                 end = sum(a[s] for s in d.seeds) / d.n
                 rows.append(_row("v", what, _label(c["params"]), name, d, start=start, end=end))
-    for q, field, ref, names in ANSWERS:
-        values = sorted({_float(c["params"].get(field)) for c in new_c.values()} - {None})
+    for q, field, ref in ANSWERS:
+
+        def values_ran(confs, field=field):
+            return {_float(c["params"].get(field)) for c in confs.values()} - {None}
+
+        values = sorted(values_ran(new_c) & values_ran(old_c))
         if len(values) < 2:
             continue
         ref = values[0] if ref is None else ref
@@ -103,7 +98,7 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
             if _float(c["params"].get(field)) in (None, ref) or key not in old_c:
                 continue
             others = {k: x for k, x in c["params"].items() if k != field}
-            for name in names:
+            for name in ANSWER_MEASURES:
                 a = _per_seed_answer(new_c, c, field, ref, name)
                 b = _per_seed_answer(old_c, old_c[key], field, ref, name)
                 d = paired_difference(a, b) if a and b else None
@@ -120,4 +115,15 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
                         end=sum(a[s] for s in d.seeds) / d.n,
                     )
                 )
+    if not rows:
+
+        def ran(data: SweepData) -> str:
+            confs = sorted({(t.reg_constant, t.token_expansion) for t in _counted(data)})
+            seeds = sorted({t.seed for t in _counted(data)}, key=str)
+            return f"(λ, k) {confs}, seeds {seeds}"
+
+        raise ReportError(
+            f"nothing to compare: no configuration and seed with the same measures ran on "
+            f"both sides ({new.sweep_id}: {ran(new)}; {old.sweep_id}: {ran(old)})"
+        )
     return rows

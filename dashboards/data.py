@@ -100,7 +100,7 @@ class Trial:
     @property
     def seed(self) -> int | None:
         s = self.params.get("seed")
-        return int(s) if s not in (None, "None") else None
+        return int(float(s)) if s not in (None, "None") else None
 
     @property
     def step(self) -> int | None:

@@ -62,6 +62,8 @@ def read_data(folder: str | Path) -> SweepData:
     try:
         trials = _read_trials(path)
         points = _read_points(folder / "histories.csv")
+        for t in trials.values():  # the fields pairing reads, as numbers
+            _ = t.reg_constant, t.token_expansion, t.seed
     except (ValueError, KeyError, TypeError, csv.Error) as e:
         raise ReportError(f"{folder}: not the data `sweeper report` writes ({e!r})") from None
     for (tid, key), pts in points.items():

@@ -128,8 +128,17 @@ def baseline_rows(data, keys: list[str]) -> list[dict]:
 
 
 def _key(params: dict) -> tuple:
-    norm = {k: (_float(v) if k == "reg_constant" else v) for k, v in params.items()}
-    return tuple(sorted((k, str(v)) for k, v in norm.items()))
+    """A configuration's identity, λ and k compared as numbers ("1" and "1.0" alike)."""
+
+    def norm(k, v):
+        f = _float(v)
+        if k == "reg_constant":
+            return f
+        if k == "token_expansion" and f is not None and f.is_integer():
+            return int(f)
+        return v
+
+    return tuple(sorted((k, str(norm(k, v))) for k, v in params.items()))
 
 
 def _float(v) -> float | None:

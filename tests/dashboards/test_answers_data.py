@@ -183,8 +183,31 @@ def test_another_design_on_the_same_seeds_compares_end_points_and_answers(export
     assert find("b", "k = 1", "test retained")["mean"] == pytest.approx(0.0235, abs=1e-5)
     assert find("b", "k = 1", "test retained")["verdict"] == "higher"
     assert find("e", "λ = 1.0", "test retained")["mean"] == pytest.approx(0, abs=1e-5)
-    # the same design is pooled, not compared; an input folder is never overwritten
+    # e against the smallest k both ran: an old side of k = 4 alone has no e to compare
+    k4 = _split(exported, tmp_path / "k4", lambda r: r["token_expansion"] == "4")
+    result = CliRunner().invoke(app, [*args[:3], str(k4), "-o", str(tmp_path / "o4")])
+    assert result.exit_code == 0, result.output
+    rows4 = json.loads((tmp_path / "o4" / "against.json").read_text())
+    assert {r["at"] for r in rows4 if r["question"] == "v"} == {"λ = 0.0, k = 4", "λ = 1.0, k = 4"}
+    assert "e" not in {r["question"] for r in rows4}
+    # a rerun of one design compares too (the run-to-run spread: here none)
     result = CliRunner().invoke(app, ["answers", str(new), "--against", str(new), "-o", str(out)])
-    assert result.exit_code != 0 and "ran the same design" in result.output
+    assert result.exit_code == 0, result.output
+    rerun = json.loads((out / "against.json").read_text())
+    assert {r["comparison"].split(":")[0] for r in rerun} == {"rerun vs run"}
+    assert all(r["mean"] == 0 for r in rerun)
+    # nothing in common: refused with what each side ran, nothing written
+    k1 = _split(exported, tmp_path / "k1", lambda r: r["token_expansion"] == "1")
+    out1 = tmp_path / "o1"
+    result = CliRunner().invoke(app, ["answers", str(k1), "--against", str(k4), "-o", str(out1)])
+    assert result.exit_code != 0 and "nothing to compare" in result.output
+    assert "(1.0, 4)" in result.output and not out1.exists()
+    # a seed that is not a number: one clear line, no traceback
+    odd = _split(exported, tmp_path / "odd", lambda r: True)
+    _edit(odd, lambda rows: rows[0].update({"seed": "first"}))
+    result = CliRunner().invoke(app, ["answers", str(new), "--against", str(odd), "-o", str(out)])
+    assert result.exit_code != 0 and "not the data `sweeper report` writes" in result.output
+    assert "Traceback" not in result.output
+    # an input folder is never overwritten
     result = CliRunner().invoke(app, ["answers", str(new), "--against", str(out), "-o", str(out)])
     assert result.exit_code != 0 and "is one of the folders pooled" in result.output
