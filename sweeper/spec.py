@@ -213,10 +213,7 @@ class Budget(BaseModel):
     )
     max_concurrent: int = Field(2, ge=1, le=MAX_CONCURRENT, description="Trials running at once.")
     time_budget_s: float | None = Field(
-        None,
-        gt=0,
-        le=MAX_TIME_BUDGET_S,
-        description="Stop the sweep after this many seconds (running trials end stopped).",
+        None, gt=0, le=MAX_TIME_BUDGET_S, description="Stop the sweep (running trials too)."
     )
 
 
