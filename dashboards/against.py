@@ -12,18 +12,18 @@ batch order on both sides):
   question's accuracy;
 - the answers themselves: b's and e's per-seed differences (λ > 0 minus λ = 0, k minus the
   smallest k both sides ran; test accuracy and retained, the trained questions' accuracy,
-  validation retained) on the new side minus the same seed's on the old side. "Cannot tell" there
-  says the two designs give the same answer to within the interval.
+  validation retained) on the new side minus the same seed's on the old side. "Cannot
+  tell" there says the two designs give the same answer to within the interval.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dashboards.answers import _configs, _counted, _label, _row
+from dashboards.answers import _configs, _counted, _label, _paired_row
 from dashboards.data import ReportError, SweepData
 from dashboards.export import PER_TRIAL
-from dashboards.paired import _float, _key, paired_difference
+from dashboards.paired import _float, _key
 
 END_POINTS = [
     "accuracy@end",
@@ -33,9 +33,8 @@ END_POINTS = [
     "test retained",
     "delayed accuracy@end",
 ]
-# (question, field, reference, measures): the answers whose per-seed differences are
-# compared between the designs (as dashboards.answers computes them); reference None: the
-# smallest value both sides ran
+# The answers whose per-seed differences are compared between the designs, on these
+# measures: (question, field, reference; None: the smallest value both sides ran)
 ANSWER_MEASURES = ["test accuracy", "test retained", "trained accuracy", "retained@end"]
 ANSWERS = (("b", "reg_constant", 0.0), ("e", "token_expansion", None))
 
@@ -72,18 +71,14 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
     what = ", ".join(f"{k} = {a} vs {b}" for k, (a, b) in diff.items()) or "rerun vs run"
     new_c = _configs(new, _counted(new))
     old_c = _configs(old, _counted(old))
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | None] = []
     for key, c in new_c.items():
         o = old_c.get(key)
         if o is None:
             continue
         for name in END_POINTS:
             a, b = c["values"].get(name), o["values"].get(name)
-            d = paired_difference(a, b) if a and b else None
-            if d is not None:
-                start = sum(b[s] for s in d.seeds) / d.n
-                end = sum(a[s] for s in d.seeds) / d.n
-                rows.append(_row("v", what, _label(c["params"]), name, d, start=start, end=end))
+            rows.append(_paired_row("v", what, _label(c["params"]), name, a, b))
     for q, field, ref in ANSWERS:
 
         def values_ran(confs, field=field):
@@ -97,24 +92,13 @@ def against_rows(new: SweepData, old: SweepData) -> list[dict[str, Any]]:
         for key, c in new_c.items():
             if _float(c["params"].get(field)) in (None, ref) or key not in old_c:
                 continue
-            others = {k: x for k, x in c["params"].items() if k != field}
+            at = _label({k: x for k, x in c["params"].items() if k != field})
+            answer = f"{what}: ({sym} = {c['params'][field]}) - ({sym} = {ref:g})"
             for name in ANSWER_MEASURES:
                 a = _per_seed_answer(new_c, c, field, ref, name)
                 b = _per_seed_answer(old_c, old_c[key], field, ref, name)
-                d = paired_difference(a, b) if a and b else None
-                if d is None:
-                    continue
-                rows.append(
-                    _row(
-                        q,
-                        f"{what}: ({sym} = {c['params'][field]}) - ({sym} = {ref:g})",
-                        _label(others),
-                        name,
-                        d,
-                        start=sum(b[s] for s in d.seeds) / d.n,
-                        end=sum(a[s] for s in d.seeds) / d.n,
-                    )
-                )
+                rows.append(_paired_row(q, answer, at, name, a, b))
+    rows = [r for r in rows if r is not None]
     if not rows:
 
         def ran(data: SweepData) -> str:

@@ -188,6 +188,17 @@ def _row(question, what, at, key, d: PairedDifference, **extra) -> dict[str, Any
     }
 
 
+def _paired_row(question, what, at, key, a: dict | None, b: dict | None) -> dict | None:
+    """``a`` against ``b`` (seed -> value), paired by seed, as a row with both sides' means
+    over the shared seeds ("to" and "from"); None when no seed pairs."""
+    d = paired_difference(a, b) if a and b else None
+    if d is None:
+        return None
+    start = statistics.fmean(b[x] for x in d.seeds)
+    end = statistics.fmean(a[x] for x in d.seeds)
+    return _row(question, what, at, key, d, start=start, end=end)
+
+
 def _within(c: dict, key: str) -> PairedDifference | None:
     """A within-trial difference's mean and interval over seeds (paired against 0)."""
     vals = c["values"].get(key)
@@ -301,22 +312,12 @@ def _versus(confs, q: str, field: str, ref, names: list[str]) -> list[dict[str, 
             continue
         others = {k: x for k, x in c["params"].items() if k != field}
         name = "λ" if field == "reg_constant" else "k" if field == "token_expansion" else field
+        what = f"{name} = {c['params'][field]} vs {name} = {ref:g}"
         for key in names:
             a, b = c["values"].get(key), twin["values"].get(key)
-            d = paired_difference(a, b) if a and b else None
-            if d is None:
-                continue
-            out.append(
-                _row(
-                    q,
-                    f"{name} = {c['params'][field]} vs {name} = {ref:g}",
-                    _label(others),
-                    key,
-                    d,
-                    start=statistics.fmean(b[x] for x in d.seeds),  # the shared seeds
-                    end=statistics.fmean(a[x] for x in d.seeds),
-                )
-            )
+            row = _paired_row(q, what, _label(others), key, a, b)
+            if row is not None:
+                out.append(row)
     return out
 
 
