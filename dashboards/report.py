@@ -42,6 +42,7 @@ from dashboards.figures import (
 )
 from dashboards.figures_grad import fig_grad_ratio
 from dashboards.figures_optuna import fig_optuna
+from dashboards.figures_plateau import fig_plateau
 from dashboards.html import _LOADED, _SCRIPT, _STYLE, _table
 from dashboards.paired import baseline_rows
 from dashboards.stats import configurations
@@ -90,13 +91,17 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
             f'<img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"></figure>'
         )
     sections += _answer_tables(data)
-    rows, png = _write_answers(data, out)
-    if png:
-        b64 = base64.b64encode(png).decode()
-        sections.append(
-            '<h2>Paired differences</h2><figure id="paired_differences">'
-            f'<img alt="paired differences" src="data:image/png;base64,{b64}"></figure>'
-        )
+    rows, pngs = _write_answers(data, out)
+    for name, title in (
+        ("plateau", "Trained to the plateau?"),
+        ("paired_differences", "Paired differences"),
+    ):
+        if name in pngs:
+            b64 = base64.b64encode(pngs[name]).decode()
+            sections.append(
+                f'<h2>{title}</h2><figure id="{name}">'
+                f'<img alt="{title.lower()}" src="data:image/png;base64,{b64}"></figure>'
+            )
     if rows:
         sections.append(answers_table(rows))
     write_data(data, out)  # trials.csv, histories.csv: the data behind the figures
@@ -131,18 +136,26 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
     return path
 
 
-def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], bytes | None]:
-    """answers.json, answers.md and paired_differences.png, where the sweep answers."""
+def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], dict[str, bytes]]:
+    """answers.json, answers.md, paired_differences.png and plateau.png, where the sweep
+    answers (the plateau figure is drawn here: ``answer_rows`` has read every trial's
+    validation history by then, not only the few curves the figures above draw)."""
     rows = answer_rows(data)
     if not rows:
-        return rows, None
+        return rows, {}
     (out / "answers.json").write_text(json.dumps(rows, indent=1))
     (out / "answers.md").write_text(answers_markdown(rows))
-    fig, n = fig_paired(rows)
-    png = _png(fig) if n else None
-    if png:
-        (out / "paired_differences.png").write_bytes(png)
-    return rows, png
+    pngs = {}
+    for name, (fig, n) in (
+        ("paired_differences", fig_paired(rows)),
+        ("plateau", fig_plateau(data)),
+    ):
+        if n:
+            pngs[name] = _png(fig)
+            (out / f"{name}.png").write_bytes(pngs[name])
+        else:
+            plt.close(fig)
+    return rows, pngs
 
 
 def write_answers(

@@ -201,3 +201,30 @@ def test_the_gradient_figure_draws_each_configuration_s_seed_mean():
     plt.close(fig)
     # the moving mean shrinks its window at the ends rather than averaging in zeros
     assert _smooth(np.ones(100))[0] == pytest.approx(1.0)
+
+
+def test_the_plateau_figure_draws_each_configuration_s_seed_mean_and_its_interval():
+    """The plateau shown: per configuration the seed mean of validation accuracy at every
+    evaluation, its 95% interval as a band, the second half alone, the last fifth shaded;
+    and the retained fraction the same way."""
+    from scipy import stats
+
+    from dashboards.figures import plt
+    from dashboards.figures_plateau import fig_plateau
+
+    fig, n = fig_plateau(_sweep())
+    whole, zoom, retained = fig.axes
+    line = next(ln for ln in whole.get_lines() if ln.get_label() == "λ=0.0, k=1 (8 seeds)")
+    noise = 0.05 * np.arange(8)
+    assert list(line.get_xdata()) == list(STEPS)
+    assert line.get_ydata()[-1] == pytest.approx(0.87 + noise.mean())  # k = 1 ends at 0.87
+    band = whole.collections[0].get_paths()[0].vertices[:, 1]
+    half = stats.t.ppf(0.975, 7) * noise.std(ddof=1) / np.sqrt(8)
+    assert band.max() == pytest.approx(0.87 + noise.mean() + half, abs=1e-9)
+    flat = next(ln for ln in zoom.get_lines() if ln.get_label() == "λ=1.0, k=4 (8 seeds)")
+    assert list(flat.get_xdata()) == [240, 320, 400]  # the second half alone
+    assert flat.get_ydata()[-1] == pytest.approx(flat.get_ydata()[-2])  # k = 4 is flat
+    shaded = zoom.patches[0].get_extents().transformed(zoom.transData.inverted())
+    assert (shaded.x0, shaded.x1) == (pytest.approx(320), pytest.approx(400))
+    assert len(retained.get_lines()) == 4 and n == 2 * 4 * len(STEPS)
+    plt.close(fig)

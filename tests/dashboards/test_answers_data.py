@@ -86,7 +86,13 @@ def test_two_sweeps_of_one_design_pool_into_the_whole_answer(exported, tmp_path)
     # the pool gets its own report: the note's figures, its sources named, and no Optuna
     # figures (exported data keeps no search space), and its CSVs read back the same
     out = tmp_path / "pooled"
-    for png in ("probe_retained", "grad_norm_ratio", "accuracy_vs_lambda", "paired_differences"):
+    for png in (
+        "probe_retained",
+        "grad_norm_ratio",
+        "accuracy_vs_lambda",
+        "paired_differences",
+        "plateau",
+    ):
         assert (out / f"{png}.png").is_file(), png
     page = (out / "report.html").read_text()
     assert f"pooled from</td><td>{k1}, {k4}" in page and "Optuna" not in page

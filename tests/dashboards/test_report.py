@@ -96,14 +96,15 @@ def test_report_of_a_sweep_with_repeats_and_a_baseline(sweep_env, tiny_spec, tmp
     assert res.exit_code == 0, res.output
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "accuracy_vs_lambda.png" in pngs and "grad_norm_ratio.png" in pngs
-    # every figure has data: Optuna's three, and the paired differences (the note's answers)
-    assert len(pngs) == 8 and "paired_differences.png" in pngs, pngs
+    # every figure has data: Optuna's three, the paired differences and the plateau (the
+    # note's answers)
+    assert len(pngs) == 9 and {"paired_differences.png", "plateau.png"} <= set(pngs), pngs
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing to fetch
     assert page.count('<td class="FINISHED"') == 6  # a row per trial (3 configurations x 2)
 
     dom, log, shot = _chromium(out / "report.html", tmp_path)
-    assert 'data-figures-loaded="8"' in dom, dom[:2000]  # every <img> decoded
+    assert 'data-figures-loaded="9"' in dom, dom[:2000]  # every <img> decoded
     assert _console_errors(log) == [], log
     pixels = shot[..., :3].reshape(-1, 3)
     ink = (pixels.mean(axis=1) < 0.9).mean()  # share of non-white pixels
