@@ -146,10 +146,11 @@ def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], dict[str, by
     (out / "answers.json").write_text(json.dumps(rows, indent=1))
     (out / "answers.md").write_text(answers_markdown(rows))
     pngs = {}
-    for name, (fig, n) in (
-        ("paired_differences", fig_paired(rows)),
-        ("plateau", fig_plateau(data)),
+    for name, build in (
+        ("paired_differences", lambda: fig_paired(rows)),
+        ("plateau", lambda: fig_plateau(data)),
     ):
+        fig, n = build()
         if n:
             pngs[name] = _png(fig)
             (out / f"{name}.png").write_bytes(pngs[name])

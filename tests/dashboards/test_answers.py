@@ -214,17 +214,53 @@ def test_the_plateau_figure_draws_each_configuration_s_seed_mean_and_its_interva
 
     fig, n = fig_plateau(_sweep())
     whole, zoom, retained = fig.axes
-    line = next(ln for ln in whole.get_lines() if ln.get_label() == "λ=0.0, k=1 (8 seeds)")
+    line = next(ln for ln in whole.get_lines() if ln.get_label() == "λ = 0.0, k = 1 (8 seeds)")
     noise = 0.05 * np.arange(8)
     assert list(line.get_xdata()) == list(STEPS)
     assert line.get_ydata()[-1] == pytest.approx(0.87 + noise.mean())  # k = 1 ends at 0.87
     band = whole.collections[0].get_paths()[0].vertices[:, 1]
     half = stats.t.ppf(0.975, 7) * noise.std(ddof=1) / np.sqrt(8)
     assert band.max() == pytest.approx(0.87 + noise.mean() + half, abs=1e-9)
-    flat = next(ln for ln in zoom.get_lines() if ln.get_label() == "λ=1.0, k=4 (8 seeds)")
+    flat = next(ln for ln in zoom.get_lines() if ln.get_label() == "λ = 1.0, k = 4 (8 seeds)")
     assert list(flat.get_xdata()) == [240, 320, 400]  # the second half alone
     assert flat.get_ydata()[-1] == pytest.approx(flat.get_ydata()[-2])  # k = 4 is flat
     shaded = zoom.patches[0].get_extents().transformed(zoom.transData.inverted())
     assert (shaded.x0, shaded.x1) == (pytest.approx(320), pytest.approx(400))
     assert len(retained.get_lines()) == 4 and n == 2 * 4 * len(STEPS)
+    plt.close(fig)
+
+
+def test_the_plateau_figure_keeps_every_step_and_only_the_trials_that_count():
+    """A seed that reported fewer evaluations does not cut its configuration's curve; a
+    failed trial is not averaged in; a step with one finite value has no band; more
+    configurations than the gradient figure groups are still drawn as seed means."""
+    from dashboards.figures import plt
+    from dashboards.figures_plateau import _seed_band, fig_plateau
+
+    data = _sweep()
+    short = data.trials[0]  # λ = 0, k = 1, seed 0: its run ended at step 160
+    short.history = {k: (s[:3], v[:3]) for k, (s, v) in short.history.items()}
+    failed = _trial(99, 0.0, 1, 9)
+    failed.status = "FAILED"
+    failed.history["val/accuracy"] = (STEPS, np.zeros(len(STEPS)))
+    data.trials.append(failed)
+    group = [t for t in data.trials if t.params["reg_constant"] == "0.0"][:8]
+    steps, mean, _, seeds = _seed_band(group, "val/accuracy")
+    assert list(steps) == list(STEPS) and seeds == 8
+    assert mean[-1] == pytest.approx(0.87 + 0.05 * np.arange(1, 8).mean())  # seeds 1-7 there
+    one = _seed_band(group[:1], "val/accuracy")
+    assert np.isnan(one[2]).all() and one[1][0] == pytest.approx(0.1)
+    fig, _ = fig_plateau(data)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert "λ = 0.0, k = 1 (8 seeds)" in labels and not any("9 seeds" in x for x in labels)
+    plt.close(fig)
+    # ten configurations of two seeds: each one a seed mean, none a single "best" trial
+    many = [
+        _trial(i, lam, 1, s)
+        for i, (lam, s) in enumerate((x / 10, s) for x in range(10) for s in (0, 1))
+    ]
+    data.trials = many
+    fig, _ = fig_plateau(data)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert len(labels) == 10 and all(x.endswith("(2 seeds)") for x in labels), labels
     plt.close(fig)
