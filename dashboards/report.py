@@ -62,6 +62,12 @@ FIGURES: list[tuple[str, str, Callable]] = [
     ("variants", "Variants vs the default, each at its best configuration", fig_variants),
 ]
 
+# the answers' figures, drawn from every trial's validation history and the answer rows
+ANSWER_FIGURES: list[tuple[str, str, Callable]] = [
+    ("plateau", "Trained to the plateau?", lambda data, rows: fig_plateau(data)),
+    ("paired_differences", "Paired differences", lambda data, rows: fig_paired(rows)),
+]
+
 
 def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path:
     """Write ``out/report.html`` and one PNG per figure; returns the HTML path."""
@@ -92,10 +98,7 @@ def render(data: SweepData, out: Path, mlflow_ui_url: str | None = None) -> Path
         )
     sections += _answer_tables(data)
     rows, pngs = _write_answers(data, out)
-    for name, title in (
-        ("plateau", "Trained to the plateau?"),
-        ("paired_differences", "Paired differences"),
-    ):
+    for name, title, _ in ANSWER_FIGURES:
         if name in pngs:
             b64 = base64.b64encode(pngs[name]).decode()
             sections.append(
@@ -146,11 +149,8 @@ def _write_answers(data: SweepData, out: Path) -> tuple[list[dict], dict[str, by
     (out / "answers.json").write_text(json.dumps(rows, indent=1))
     (out / "answers.md").write_text(answers_markdown(rows))
     pngs = {}
-    for name, build in (
-        ("paired_differences", lambda: fig_paired(rows)),
-        ("plateau", lambda: fig_plateau(data)),
-    ):
-        fig, n = build()
+    for name, _, build in ANSWER_FIGURES:
+        fig, n = build(data, rows)
         if n:
             pngs[name] = _png(fig)
             (out / f"{name}.png").write_bytes(pngs[name])
