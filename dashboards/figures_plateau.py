@@ -59,9 +59,9 @@ def fig_plateau(data: SweepData):
     mean (line) and its 95% interval (band), the last fifth of the steps shaded (each
     configuration's own last fifth, dotted, where they end at different steps)."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(18, 4.5))
-    n, ends = 0, {}
+    n, ends, groups = 0, {}, _groups(data)
     for ax, (key, ylabel, zoom) in zip(axes, PANELS, strict=True):
-        for i, (label, trials) in enumerate(_groups(data).items()):
+        for i, (label, trials) in enumerate(groups.items()):
             steps, mean, half, seeds = _seed_band(trials, key)
             if not seeds:
                 continue
